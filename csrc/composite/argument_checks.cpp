@@ -1,0 +1,207 @@
+// Every argument check of the op, with messages that name the argument and its shape.
+#include <c10/util/Exception.h>
+
+#include "arguments.h"
+
+namespace torchmha::composite {
+namespace {
+
+constexpr const char* kOp = "torchmha.multi_head_attention: ";
+
+bool has_shape(const at::Tensor& tensor, std::initializer_list<c10::SymInt> shape) {
+  if (tensor.dim() != static_cast<int64_t>(shape.size())) {
+    return false;
+  }
+  int64_t dim = 0;
+  for (const auto& size : shape) {
+    if (tensor.sym_size(dim++) != size) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void check_same_dtype_and_device(const at::Tensor& query, const at::Tensor& tensor,
+                                 const char* name) {
+  TORCH_CHECK(tensor.scalar_type() == query.scalar_type(), kOp, "expected `", name,
+              "` to have the dtype of `query` (", query.scalar_type(), "), but got ",
+              tensor.scalar_type());
+  TORCH_CHECK(tensor.device() == query.device(), kOp, "expected `", name,
+              "` on the device of `query` (", query.device(), "), but got ", tensor.device());
+}
+
+void check_optional(const at::Tensor& query, const std::optional<at::Tensor>& tensor,
+                    const char* name) {
+  if (given(tensor)) {
+    check_same_dtype_and_device(query, *tensor, name);
+  }
+}
+
+void check_mask_dtype(const at::Tensor& query, const at::Tensor& mask, const char* name) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()), kOp,
+              "only bool and floating types of `", name, "` are supported, but got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.device() == query.device(), kOp, "expected `", name,
+              "` on the device of `query` (", query.device(), "), but got ", mask.device());
+}
+
+void check_ranks(const Arguments& args) {
+  const auto& query = args.query;
+  TORCH_CHECK(query.dim() == 2 || query.dim() == 3, kOp,
+              "expected `query` to be 2-D (unbatched) or 3-D (batched), but got `query` of shape ",
+              query.sym_sizes());
+  TORCH_CHECK(args.key.dim() == query.dim() && args.value.dim() == query.dim(), kOp,
+              "expected `key` and `value` to be ", query.dim(), "-D like `query` ",
+              query.sym_sizes(), ", but got `key` of shape ", args.key.sym_sizes(),
+              " and `value` of shape ", args.value.sym_sizes());
+  TORCH_CHECK(at::isFloatingType(query.scalar_type()), kOp,
+              "expected a floating point `query`, but got ", query.scalar_type());
+}
+
+void check_heads_and_lengths(const Arguments& args) {
+  const auto& query = args.query;
+  TORCH_CHECK_VALUE(args.num_heads > 0, kOp, "`num_heads` must be positive, but got ",
+                    args.num_heads);
+  const c10::SymInt embed_dim = query.sym_size(-1);
+  TORCH_CHECK_VALUE(embed_dim % args.num_heads == 0, kOp, "embed_dim ", embed_dim,
+                    " (the last dimension of `query` ", query.sym_sizes(),
+                    ") is not divisible by num_heads ", args.num_heads);
+  if (args.is_batched()) {
+    const int64_t batch_dim = args.batch_first ? 0 : 1;
+    TORCH_CHECK(args.key.sym_size(batch_dim) == query.sym_size(batch_dim) &&
+                    args.value.sym_size(batch_dim) == query.sym_size(batch_dim),
+                kOp, "expected `query`, `key` and `value` to share the batch size (dim ",
+                batch_dim, " with batch_first=", args.batch_first, "), but got `query` ",
+                query.sym_sizes(), ", `key` ", args.key.sym_sizes(), ", `value` ",
+                args.value.sym_sizes());
+  }
+  const int64_t seq_dim = args.sequence_dim();
+  TORCH_CHECK(args.key.sym_size(seq_dim) == args.value.sym_size(seq_dim), kOp,
+              "expected `key` and `value` to have the same sequence length, but got `key` ",
+              args.key.sym_sizes(), " and `value` ", args.value.sym_sizes());
+}
+
+void check_projection_weights(const Arguments& args) {
+  const auto& query = args.query;
+  const c10::SymInt embed_dim = query.sym_size(-1);
+  const bool any_separate =
+      given(args.q_proj_weight) || given(args.k_proj_weight) || given(args.v_proj_weight);
+  TORCH_CHECK(args.has_packed_weight() != any_separate, kOp,
+              "give either `in_proj_weight` or all of `q_proj_weight`, `k_proj_weight` and "
+              "`v_proj_weight`, but got ",
+              args.has_packed_weight() ? "both" : "neither");
+  if (args.has_packed_weight()) {
+    const auto& weight = *args.in_proj_weight;
+    check_same_dtype_and_device(query, weight, "in_proj_weight");
+    TORCH_CHECK(has_shape(weight, {3 * embed_dim, embed_dim}), kOp,
+                "expected `in_proj_weight` of shape [3 * embed_dim, embed_dim] = [",
+                3 * embed_dim, ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(),
+                ", but got ", weight.sym_sizes());
+    TORCH_CHECK(args.key.sym_size(-1) == embed_dim && args.value.sym_size(-1) == embed_dim, kOp,
+                "a packed `in_proj_weight` needs `key` and `value` with embed_dim ", embed_dim,
+                " like `query`, but got `key` of shape ", args.key.sym_sizes(),
+                " and `value` of shape ", args.value.sym_sizes(),
+                " (use kdim/vdim, i.e. separate projection weights)");
+  } else {
+    TORCH_CHECK(given(args.q_proj_weight) && given(args.k_proj_weight) &&
+                    given(args.v_proj_weight),
+                kOp,
+                "separate projection weights need all of `q_proj_weight`, `k_proj_weight` and "
+                "`v_proj_weight`");
+    const std::pair<const at::Tensor*, const char*> weights[] = {
+        {&*args.q_proj_weight, "q_proj_weight"},
+        {&*args.k_proj_weight, "k_proj_weight"},
+        {&*args.v_proj_weight, "v_proj_weight"}};
+    const at::Tensor* inputs[] = {&query, &args.key, &args.value};
+    const char* input_names[] = {"query", "key", "value"};
+    for (int index = 0; index < 3; ++index) {
+      const auto& [weight, name] = weights[index];
+      check_same_dtype_and_device(query, *weight, name);
+      const c10::SymInt input_dim = inputs[index]->sym_size(-1);
+      TORCH_CHECK(has_shape(*weight, {embed_dim, input_dim}), kOp, "expected `", name,
+                  "` of shape [embed_dim, ", input_names[index], ".size(-1)] = [", embed_dim,
+                  ", ", input_dim, "], but got ", weight->sym_sizes());
+    }
+  }
+  check_same_dtype_and_device(query, args.key, "key");
+  check_same_dtype_and_device(query, args.value, "value");
+  if (given(args.in_proj_bias)) {
+    check_same_dtype_and_device(query, *args.in_proj_bias, "in_proj_bias");
+    TORCH_CHECK(has_shape(*args.in_proj_bias, {3 * embed_dim}), kOp,
+                "expected `in_proj_bias` of shape [3 * embed_dim] = [", 3 * embed_dim,
+                "], but got ", args.in_proj_bias->sym_sizes());
+  }
+  check_same_dtype_and_device(query, args.out_proj_weight, "out_proj_weight");
+  TORCH_CHECK(has_shape(args.out_proj_weight, {embed_dim, embed_dim}), kOp,
+              "expected `out_proj_weight` of shape [embed_dim, embed_dim] = [", embed_dim, ", ",
+              embed_dim, "] for `query` of shape ", query.sym_sizes(), ", but got ",
+              args.out_proj_weight.sym_sizes());
+  if (given(args.out_proj_bias)) {
+    check_same_dtype_and_device(query, *args.out_proj_bias, "out_proj_bias");
+    TORCH_CHECK(has_shape(*args.out_proj_bias, {embed_dim}), kOp,
+                "expected `out_proj_bias` of shape [embed_dim] = [", embed_dim, "], but got ",
+                args.out_proj_bias->sym_sizes());
+  }
+}
+
+void check_bias_kv(const Arguments& args) {
+  TORCH_CHECK(given(args.bias_k) == given(args.bias_v), kOp,
+              "`bias_k` and `bias_v` go together, but only `",
+              given(args.bias_k) ? "bias_k" : "bias_v", "` was given");
+  if (!given(args.bias_k)) {
+    return;
+  }
+  const c10::SymInt embed_dim = args.query.sym_size(-1);
+  for (const auto& [bias, name] : {std::pair{&*args.bias_k, "bias_k"}, {&*args.bias_v, "bias_v"}}) {
+    check_same_dtype_and_device(args.query, *bias, name);
+    TORCH_CHECK(bias->sym_numel() == embed_dim, kOp, "expected `", name,
+                "` of shape [1, 1, embed_dim] = [1, 1, ", embed_dim, "], but got ",
+                bias->sym_sizes());
+  }
+}
+
+void check_masks(const Arguments& args) {
+  const auto& query = args.query;
+  const bool batched = args.is_batched();
+  const int64_t seq_dim = args.sequence_dim();
+  const c10::SymInt target_len = query.sym_size(seq_dim);
+  const c10::SymInt source_len = args.key.sym_size(seq_dim);
+  const c10::SymInt batch = batched ? query.sym_size(args.batch_first ? 0 : 1) : c10::SymInt(1);
+  if (given(args.key_padding_mask)) {
+    const auto& mask = *args.key_padding_mask;
+    check_mask_dtype(query, mask, "key_padding_mask");
+    if (batched) {
+      TORCH_CHECK(has_shape(mask, {batch, source_len}), kOp,
+                  "expected `key_padding_mask` of shape [batch, source length] = [", batch, ", ",
+                  source_len, "], but got ", mask.sym_sizes());
+    } else {
+      TORCH_CHECK(has_shape(mask, {source_len}), kOp,
+                  "expected `key_padding_mask` of shape [source length] = [", source_len,
+                  "] for unbatched `query`, but got ", mask.sym_sizes());
+    }
+  }
+  if (given(args.attn_mask)) {
+    const auto& mask = *args.attn_mask;
+    check_mask_dtype(query, mask, "attn_mask");
+    const c10::SymInt groups = batch * args.num_heads;
+    TORCH_CHECK(has_shape(mask, {target_len, source_len}) ||
+                    has_shape(mask, {groups, target_len, source_len}),
+                kOp, "expected `attn_mask` of shape [L, S] = [", target_len, ", ", source_len,
+                "] or [", batched ? "batch * num_heads" : "num_heads", ", L, S] = [", groups,
+                ", ", target_len, ", ", source_len, "], but got ", mask.sym_sizes());
+  }
+}
+
+}  // namespace
+
+void check_arguments(const Arguments& args) {
+  check_ranks(args);
+  check_heads_and_lengths(args);
+  check_projection_weights(args);
+  check_bias_kv(args);
+  check_masks(args);
+  TORCH_CHECK_VALUE(args.dropout_p >= 0.0 && args.dropout_p <= 1.0, kOp,
+                    "`dropout_p` must be in [0, 1], but got ", args.dropout_p);
+}
+
+}  // namespace torchmha::composite

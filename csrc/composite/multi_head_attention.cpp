@@ -1,0 +1,184 @@
+// The math of torchmha::multi_head_attention, composed of ATen ops so that autograd,
+// autocast, tracing and every device work through decomposition.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+
+#include "arguments.h"
+#include "masks.h"
+
+namespace torchmha::composite {
+namespace {
+
+struct Heads {
+  at::Tensor query, key, value;  // each (N, H, length, head_dim)
+};
+
+// (A, B, H, D) with (A, B) = (N, L) or (L, N) -> (N, H, L, D), a view.
+at::Tensor to_attention_layout(const at::Tensor& heads, bool batch_first) {
+  return batch_first ? heads.permute({0, 2, 1, 3}) : heads.permute({1, 2, 0, 3});
+}
+
+at::Tensor split_heads(const at::Tensor& projected, int64_t num_heads, bool batch_first) {
+  return to_attention_layout(projected.unflatten(-1, {num_heads, -1}), batch_first);
+}
+
+// (N, H, L, D) -> (N, L, E) or (L, N, E): the concatenation of the heads.
+at::Tensor merge_heads(const at::Tensor& attended, bool batch_first) {
+  return (batch_first ? attended.permute({0, 2, 1, 3}) : attended.permute({2, 0, 1, 3})).flatten(-2);
+}
+
+std::optional<at::Tensor> bias_chunk(const Arguments& args, int64_t start, int64_t chunks) {
+  if (!given(args.in_proj_bias)) {
+    return std::nullopt;
+  }
+  const c10::SymInt embed_dim = args.query.sym_size(-1);
+  return args.in_proj_bias->narrow_symint(0, start * embed_dim, chunks * embed_dim);
+}
+
+Heads project_packed(const Arguments& args, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value) {
+  const bool batch_first = args.is_batch_first();
+  const int64_t num_heads = args.num_heads;
+  const auto& weight = *args.in_proj_weight;
+  const c10::SymInt embed_dim = args.query.sym_size(-1);
+  if (args.query.is_same(args.key) && args.key.is_same(args.value)) {
+    // Self-attention: one GEMM produces q, k and v side by side.
+    const auto packed = at::linear(query, weight, bias_chunk(args, 0, 3)).unflatten(-1, {3, num_heads, -1});
+    return {to_attention_layout(packed.select(-3, 0), batch_first),
+            to_attention_layout(packed.select(-3, 1), batch_first),
+            to_attention_layout(packed.select(-3, 2), batch_first)};
+  }
+  const auto q = at::linear(query, weight.narrow_symint(0, 0, embed_dim), bias_chunk(args, 0, 1));
+  if (args.key.is_same(args.value)) {
+    // Encoder-decoder attention: one GEMM produces k and v.
+    const auto packed_kv = at::linear(key, weight.narrow_symint(0, embed_dim, 2 * embed_dim), bias_chunk(args, 1, 2))
+                               .unflatten(-1, {2, num_heads, -1});
+    return {split_heads(q, num_heads, batch_first),
+            to_attention_layout(packed_kv.select(-3, 0), batch_first),
+            to_attention_layout(packed_kv.select(-3, 1), batch_first)};
+  }
+  const auto k = at::linear(key, weight.narrow_symint(0, embed_dim, embed_dim), bias_chunk(args, 1, 1));
+  const auto v = at::linear(value, weight.narrow_symint(0, 2 * embed_dim, embed_dim), bias_chunk(args, 2, 1));
+  return {split_heads(q, num_heads, batch_first), split_heads(k, num_heads, batch_first),
+          split_heads(v, num_heads, batch_first)};
+}
+
+Heads project_separate(const Arguments& args, const at::Tensor& query, const at::Tensor& key,
+                       const at::Tensor& value) {
+  const bool batch_first = args.is_batch_first();
+  const auto q = at::linear(query, *args.q_proj_weight, bias_chunk(args, 0, 1));
+  const auto k = at::linear(key, *args.k_proj_weight, bias_chunk(args, 1, 1));
+  const auto v = at::linear(value, *args.v_proj_weight, bias_chunk(args, 2, 1));
+  return {split_heads(q, args.num_heads, batch_first), split_heads(k, args.num_heads, batch_first),
+          split_heads(v, args.num_heads, batch_first)};
+}
+
+// (1, 1, E) learned bias -> one more key/value position for every batch entry.
+at::Tensor append_bias(const at::Tensor& heads, const at::Tensor& bias, int64_t num_heads) {
+  const std::array<c10::SymInt, 4> shape{heads.sym_size(0), -1, -1, -1};
+  return at::cat({heads, bias.reshape({1, num_heads, 1, -1}).expand_symint(shape)}, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_head_attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, const at::Tensor& out_proj_weight,
+    const std::optional<at::Tensor>& out_proj_bias, const std::optional<at::Tensor>& bias_k,
+    const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p, bool training,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& attn_mask,
+    bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first) {
+  const Arguments args{query,         key,           value,         num_heads,
+                       in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight,
+                       v_proj_weight, out_proj_weight, out_proj_bias, bias_k,
+                       bias_v,        add_zero_attn, dropout_p,     training,
+                       key_padding_mask, attn_mask,  need_weights,  average_attn_weights,
+                       is_causal,     batch_first};
+  check_arguments(args);
+
+  // Unbatched inputs gain a batch of one in front and are treated as batch-first.
+  const bool batched = args.is_batched();
+  const auto as_batched = [batched](const at::Tensor& t) { return batched ? t : t.unsqueeze(0); };
+  const bool layout_batch_first = args.is_batch_first();
+
+  Heads heads = args.has_packed_weight()
+                    ? project_packed(args, as_batched(query), as_batched(key), as_batched(value))
+                    : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
+
+  int64_t appended_keys = 0;
+  if (given(bias_k)) {
+    heads.key = append_bias(heads.key, *bias_k, num_heads);
+    heads.value = append_bias(heads.value, *bias_v, num_heads);
+    ++appended_keys;
+  }
+  if (add_zero_attn) {
+    // One all-zero key and value position, appended along the sequence.
+    heads.key = at::constant_pad_nd(heads.key, {0, 0, 0, 1}, 0);
+    heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
+    ++appended_keys;
+  }
+
+  // PyTorch's rule: the causal hint replaces the mask unless padding or weights need the mask.
+  const bool use_causal_hint = is_causal && !given(key_padding_mask) && !need_weights;
+  std::optional<at::Tensor> effective_attn_mask = attn_mask;
+  if (use_causal_hint) {
+    effective_attn_mask = std::nullopt;
+  } else if (is_causal && !given(attn_mask)) {
+    // is_causal without a mask means causal attention (PyTorch would demand a mask).
+    const int64_t seq_dim = args.sequence_dim();
+    effective_attn_mask = causal_mask(query.sym_size(seq_dim), key.sym_size(seq_dim), query.options());
+  }
+  auto mask = merged_additive_mask(args, effective_attn_mask, appended_keys);
+  const double dropout = training ? dropout_p : 0.0;
+
+  at::Tensor attended;
+  at::Tensor weights;
+  if (need_weights) {
+    const int64_t head_dim = heads.query.sym_size(-1).guard_int(__FILE__, __LINE__);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+    auto scores = at::matmul(heads.query * scale, heads.key.transpose(-2, -1));
+    if (mask) {
+      scores = scores + *mask;
+    }
+    // A row with every key masked gets zero probabilities, not NaN.
+    auto probabilities = at::_safe_softmax(scores, -1);
+    if (dropout > 0.0) {
+      probabilities = at::dropout(probabilities, dropout, /*train=*/true);
+    }
+    attended = at::matmul(probabilities, heads.value);
+    weights = average_attn_weights ? probabilities.mean(1) : probabilities;
+    if (!batched) {
+      weights = weights.squeeze(0);
+    }
+  } else {
+    std::optional<at::Tensor> fully_masked_rows;
+    if (mask) {
+      // Rows with every key masked attend to nothing; a finite mask row keeps every backend NaN-free.
+      fully_masked_rows = mask->isneginf().all(-1, /*keepdim=*/true);
+      mask = mask->masked_fill(*fully_masked_rows, 0);
+    }
+    attended = at::scaled_dot_product_attention(heads.query, heads.key, heads.value, mask, dropout,
+                                                use_causal_hint);
+    if (fully_masked_rows) {
+      attended = attended.masked_fill(*fully_masked_rows, 0);
+    }
+    weights = at::empty({0}, query.options());
+  }
+
+  auto output = at::linear(merge_heads(attended, layout_batch_first), out_proj_weight, out_proj_bias);
+  if (!batched) {
+    output = output.squeeze(0);
+  }
+  return {output, weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchmha, CompositeImplicitAutograd, m) {
+  m.impl("multi_head_attention", &multi_head_attention);
+}
+
+}  // namespace torchmha::composite

@@ -1,0 +1,38 @@
+// The one schema of torchmha and its dispatcher-typed C++ entry point.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+#include <torchmha/ops.h>
+
+namespace torchmha {
+
+std::tuple<at::Tensor, at::Tensor> multi_head_attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
+    const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
+    const std::optional<at::Tensor>& q_proj_weight, const std::optional<at::Tensor>& k_proj_weight,
+    const std::optional<at::Tensor>& v_proj_weight, const at::Tensor& out_proj_weight,
+    const std::optional<at::Tensor>& out_proj_bias, const std::optional<at::Tensor>& bias_k,
+    const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p, bool training,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& attn_mask,
+    bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchmha::multi_head_attention", "")
+                       .typed<decltype(multi_head_attention)>();
+  return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
+                 k_proj_weight, v_proj_weight, out_proj_weight, out_proj_bias, bias_k, bias_v,
+                 add_zero_attn, dropout_p, training, key_padding_mask, attn_mask, need_weights,
+                 average_attn_weights, is_causal, batch_first);
+}
+
+TORCH_LIBRARY(torchmha, m) {
+  m.def(
+      "multi_head_attention(Tensor query, Tensor key, Tensor value, int num_heads, "
+      "Tensor? in_proj_weight, Tensor? in_proj_bias, Tensor? q_proj_weight, "
+      "Tensor? k_proj_weight, Tensor? v_proj_weight, Tensor out_proj_weight, "
+      "Tensor? out_proj_bias=None, Tensor? bias_k=None, Tensor? bias_v=None, "
+      "bool add_zero_attn=False, float dropout_p=0.0, bool training=True, "
+      "Tensor? key_padding_mask=None, Tensor? attn_mask=None, bool need_weights=True, "
+      "bool average_attn_weights=True, bool is_causal=False, bool batch_first=False) "
+      "-> (Tensor, Tensor)");
+}
+
+}  // namespace torchmha

@@ -1,0 +1,80 @@
+// The chapter's API as an adapter: converts its arguments to the op's, adds no math.
+#include <torchmha/ops.h>
+#include <torchmha/textbook.h>
+
+#include <torch/nn/modules/container/modulelist.h>
+
+namespace torchmha {
+
+TextbookMultiHeadAttentionOptions::TextbookMultiHeadAttentionOptions(int64_t h, int64_t d_model)
+    : h_(h), d_model_(d_model) {}
+
+TextbookMultiHeadAttentionImpl::TextbookMultiHeadAttentionImpl(
+    const TextbookMultiHeadAttentionOptions& options_)
+    : options(options_) {
+  reset();
+}
+
+void TextbookMultiHeadAttentionImpl::reset() {
+  TORCH_CHECK_VALUE(options.h() > 0 && options.d_model() > 0 &&
+                        options.d_model() % options.h() == 0,
+                    "torchmha::TextbookMultiHeadAttention: d_model must be a positive multiple "
+                    "of h, got h=",
+                    options.h(), " and d_model=", options.d_model());
+  TORCH_CHECK_VALUE(options.dropout() >= 0.0 && options.dropout() <= 1.0,
+                    "torchmha::TextbookMultiHeadAttention: dropout must be in [0, 1], got ",
+                    options.dropout());
+  const auto d_model = options.d_model();
+  linear_layers = register_module(
+      "linear_layers", torch::nn::ModuleList(torch::nn::Linear(d_model, d_model),
+                                             torch::nn::Linear(d_model, d_model),
+                                             torch::nn::Linear(d_model, d_model)));
+  output_linear = register_module("output_linear", torch::nn::Linear(d_model, d_model));
+}
+
+torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query,
+                                                      const torch::Tensor& key,
+                                                      const torch::Tensor& value,
+                                                      const torch::Tensor& mask) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
+              "torchmha::TextbookMultiHeadAttention: expected batch-first 3-D `query`, `key` "
+              "and `value` (B, L, d_model), but got ",
+              query.sizes(), ", ", key.sizes(), " and ", value.sizes());
+  const auto projection = [this](size_t index) -> const torch::nn::LinearImpl& {
+    return *linear_layers->ptr<torch::nn::LinearImpl>(index);
+  };
+  std::optional<torch::Tensor> attn_mask;
+  if (mask.defined()) {
+    // The chapter's mask is nonzero where attention is allowed and broadcasts to (B, h, L, S);
+    // the op takes true where it is not allowed, as (B * h, L, S).
+    const auto batch = query.size(0);
+    const auto target_len = query.size(1);
+    const auto source_len = key.size(1);
+    TORCH_CHECK(mask.dim() <= 4,
+                "torchmha::TextbookMultiHeadAttention: expected `mask` broadcastable to (B, h, L, "
+                "S) = (",
+                batch, ", ", options.h(), ", ", target_len, ", ", source_len, "), but got ",
+                mask.sizes());
+    attn_mask = (mask == 0)
+                    .expand({batch, options.h(), target_len, source_len})
+                    .reshape({batch * options.h(), target_len, source_len});
+  }
+  const auto in_proj_bias =
+      torch::cat({projection(0).bias, projection(1).bias, projection(2).bias});
+  auto [output, weights] = multi_head_attention(
+      query, key, value, options.h(), /*in_proj_weight=*/std::nullopt, in_proj_bias,
+      projection(0).weight, projection(1).weight, projection(2).weight, output_linear->weight,
+      output_linear->bias, /*bias_k=*/std::nullopt, /*bias_v=*/std::nullopt,
+      /*add_zero_attn=*/false, options.dropout(), is_training(),
+      /*key_padding_mask=*/std::nullopt, attn_mask, /*need_weights=*/true,
+      /*average_attn_weights=*/false, /*is_causal=*/false, /*batch_first=*/true);
+  attn = weights;
+  return output;
+}
+
+void TextbookMultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {
+  stream << "torchmha::TextbookMultiHeadAttention(h=" << options.h()
+         << ", d_model=" << options.d_model() << ", dropout=" << options.dropout() << ")";
+}
+
+}  // namespace torchmha

@@ -1,0 +1,20 @@
+"""torchmha: multi-head attention as one C++ op, for PyTorch and LibTorch alike.
+
+Importing this package loads the C++ extension, which registers
+``torch.ops.torchmha.multi_head_attention``.
+"""
+
+from torchmha import _C  # noqa: F401  (registers the op)
+from torchmha import cpp
+from torchmha.modules import MultiHeadAttention
+from torchmha.ops import multi_head_attention
+from torchmha.textbook import TextbookMultiHeadAttention
+
+__version__ = _C.version()
+
+__all__ = [
+    "MultiHeadAttention",
+    "TextbookMultiHeadAttention",
+    "cpp",
+    "multi_head_attention",
+]

@@ -1,0 +1,73 @@
+"""The C++ modules themselves, bound with pybind11 and wrapped as ``torch.nn.Module``.
+
+``torchmha.cpp.MultiHeadAttention`` is the very ``torchmha::MultiHeadAttention`` object a
+LibTorch program builds: its parameters are the C++ tensors, ``.train()``, ``.eval()`` and
+``.to()`` act on the C++ module, and ``state_dict()`` uses PyTorch's names.
+"""
+
+from typing import Optional
+
+import torch.nn.cpp
+
+from torchmha import _C
+
+
+class _CppModule(torch.nn.cpp.ModuleWrapper):
+    """Wraps a bound C++ module; parameters appear flat, under their dotted state-dict names."""
+
+    def __init__(self, cpp_module) -> None:
+        super().__init__(cpp_module)
+        self._parameters = torch.nn.cpp.OrderedDictWrapper(cpp_module, "_flat_parameters")
+        self._modules = {}
+
+    def __repr__(self) -> str:
+        return self.cpp_module.pretty_print()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # nn.Module would read "out_proj.weight" as a child module's key; here every name is flat.
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, False, missing_keys, unexpected_keys, error_msgs
+        )
+        if strict:
+            own = {prefix + name for name in self._parameters.keys()}
+            missing_keys.extend(key for key in own if key not in state_dict)
+            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in own)
+
+
+class MultiHeadAttention(_CppModule):
+    """The C++ ``torchmha::MultiHeadAttention``, with ``torch.nn.MultiheadAttention``'s arguments."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        batch_first: bool = False,
+    ) -> None:
+        super().__init__(
+            _C.MultiHeadAttention(
+                embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first
+            )
+        )
+
+
+class TextbookMultiHeadAttention(_CppModule):
+    """The C++ ``torchmha::TextbookMultiHeadAttention``: the chapter's ``(h, d_model, dropout)``."""
+
+    def __init__(self, h: int, d_model: int, dropout: float = 0.1) -> None:
+        super().__init__(_C.TextbookMultiHeadAttention(h, d_model, dropout))
+
+    @property
+    def attn(self):
+        """Per-head attention probabilities of the last call, ``(B, h, L, S)``."""
+        return self.cpp_module.attn
+
+
+__all__ = ["MultiHeadAttention", "TextbookMultiHeadAttention"]

@@ -1,0 +1,70 @@
+"""Typed Python entry point of the op ``torch.ops.torchmha.multi_head_attention``."""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def multi_head_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_heads: int,
+    in_proj_weight: Optional[Tensor],
+    in_proj_bias: Optional[Tensor],
+    out_proj_weight: Tensor,
+    out_proj_bias: Optional[Tensor],
+    q_proj_weight: Optional[Tensor] = None,
+    k_proj_weight: Optional[Tensor] = None,
+    v_proj_weight: Optional[Tensor] = None,
+    bias_k: Optional[Tensor] = None,
+    bias_v: Optional[Tensor] = None,
+    add_zero_attn: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    need_weights: bool = True,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    batch_first: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Multi-head attention with ``torch.nn.functional.multi_head_attention_forward``'s semantics.
+
+    Inputs are ``(L, N, E)`` (``(N, L, E)`` with ``batch_first``) or unbatched ``(L, E)``.
+    Give either ``in_proj_weight`` ``(3E, E)`` or all of ``q_proj_weight`` ``(E, E)``,
+    ``k_proj_weight`` ``(E, kdim)`` and ``v_proj_weight`` ``(E, vdim)``. Boolean masks are
+    ``True`` where attention is not allowed; floating masks are added to the scores.
+    ``is_causal=True`` without ``attn_mask`` is causal attention. A query whose keys are all
+    masked attends to nothing (zero before the output projection), never NaN.
+
+    Returns ``(output, weights)``; ``weights`` is ``None`` unless ``need_weights``.
+    """
+    output, weights = torch.ops.torchmha.multi_head_attention(
+        query,
+        key,
+        value,
+        num_heads,
+        in_proj_weight,
+        in_proj_bias,
+        q_proj_weight,
+        k_proj_weight,
+        v_proj_weight,
+        out_proj_weight,
+        out_proj_bias,
+        bias_k,
+        bias_v,
+        add_zero_attn,
+        dropout_p,
+        training,
+        key_padding_mask,
+        attn_mask,
+        need_weights,
+        average_attn_weights,
+        is_causal,
+        batch_first,
+    )
+    if need_weights:
+        return output, weights
+    return output, None

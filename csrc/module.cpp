@@ -43,7 +43,8 @@ void MultiHeadAttentionImpl::reset() {
     in_proj_bias = register_parameter("in_proj_bias", torch::empty({3 * embed_dim}));
   }
   out_proj = register_module(
-      "out_proj", torch::nn::Linear(torch::nn::LinearOptions(embed_dim, embed_dim).bias(options.bias())));
+      "out_proj",
+      torch::nn::Linear(torch::nn::LinearOptions(embed_dim, embed_dim).bias(options.bias())));
   if (options.add_bias_kv()) {
     bias_k = register_parameter("bias_k", torch::empty({1, 1, embed_dim}));
     bias_v = register_parameter("bias_v", torch::empty({1, 1, embed_dim}));

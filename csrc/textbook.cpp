@@ -16,19 +16,19 @@ TextbookMultiHeadAttentionImpl::TextbookMultiHeadAttentionImpl(
 }
 
 void TextbookMultiHeadAttentionImpl::reset() {
-  TORCH_CHECK_VALUE(options.h() > 0 && options.d_model() > 0 &&
-                        options.d_model() % options.h() == 0,
-                    "torchmha::TextbookMultiHeadAttention: d_model must be a positive multiple "
-                    "of h, got h=",
-                    options.h(), " and d_model=", options.d_model());
+  TORCH_CHECK_VALUE(
+      options.h() > 0 && options.d_model() > 0 && options.d_model() % options.h() == 0,
+      "torchmha::TextbookMultiHeadAttention: d_model must be a positive multiple "
+      "of h, got h=",
+      options.h(), " and d_model=", options.d_model());
   TORCH_CHECK_VALUE(options.dropout() >= 0.0 && options.dropout() <= 1.0,
                     "torchmha::TextbookMultiHeadAttention: dropout must be in [0, 1], got ",
                     options.dropout());
   const auto d_model = options.d_model();
-  linear_layers = register_module(
-      "linear_layers", torch::nn::ModuleList(torch::nn::Linear(d_model, d_model),
-                                             torch::nn::Linear(d_model, d_model),
-                                             torch::nn::Linear(d_model, d_model)));
+  linear_layers =
+      register_module("linear_layers", torch::nn::ModuleList(torch::nn::Linear(d_model, d_model),
+                                                             torch::nn::Linear(d_model, d_model),
+                                                             torch::nn::Linear(d_model, d_model)));
   output_linear = register_module("output_linear", torch::nn::Linear(d_model, d_model));
 }
 

@@ -58,6 +58,19 @@ void check_ranks(const Arguments& args) {
               "expected a floating point `query`, but got ", query.scalar_type());
 }
 
+// embed_dim is the module's: out_proj_weight is (embed_dim, embed_dim), and query must match it.
+void check_embed_dim(const Arguments& args) {
+  const auto& weight = args.out_proj_weight;
+  TORCH_CHECK(weight.dim() == 2 && weight.sym_size(0) == weight.sym_size(1), kOp,
+              "expected a square `out_proj_weight` [embed_dim, embed_dim], but got ",
+              weight.sym_sizes());
+  TORCH_CHECK(args.query.sym_size(-1) == weight.sym_size(0), kOp,
+              "expected `query` with embed_dim ", weight.sym_size(0),
+              " (the size of `out_proj_weight`) as its last dimension, but got "
+              "`query` of shape ",
+              args.query.sym_sizes());
+}
+
 void check_heads_and_lengths(const Arguments& args) {
   const auto& query = args.query;
   TORCH_CHECK_VALUE(args.num_heads > 0, kOp, "`num_heads` must be positive, but got ",
@@ -70,10 +83,9 @@ void check_heads_and_lengths(const Arguments& args) {
     const int64_t batch_dim = args.batch_first ? 0 : 1;
     TORCH_CHECK(args.key.sym_size(batch_dim) == query.sym_size(batch_dim) &&
                     args.value.sym_size(batch_dim) == query.sym_size(batch_dim),
-                kOp, "expected `query`, `key` and `value` to share the batch size (dim ",
-                batch_dim, " with batch_first=", args.batch_first, "), but got `query` ",
-                query.sym_sizes(), ", `key` ", args.key.sym_sizes(), ", `value` ",
-                args.value.sym_sizes());
+                kOp, "expected `query`, `key` and `value` to share the batch size (dim ", batch_dim,
+                " with batch_first=", args.batch_first, "), but got `query` ", query.sym_sizes(),
+                ", `key` ", args.key.sym_sizes(), ", `value` ", args.value.sym_sizes());
   }
   const int64_t seq_dim = args.sequence_dim();
   TORCH_CHECK(args.key.sym_size(seq_dim) == args.value.sym_size(seq_dim), kOp,
@@ -94,17 +106,16 @@ void check_projection_weights(const Arguments& args) {
     const auto& weight = *args.in_proj_weight;
     check_same_dtype_and_device(query, weight, "in_proj_weight");
     TORCH_CHECK(has_shape(weight, {3 * embed_dim, embed_dim}), kOp,
-                "expected `in_proj_weight` of shape [3 * embed_dim, embed_dim] = [",
-                3 * embed_dim, ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(),
-                ", but got ", weight.sym_sizes());
+                "expected `in_proj_weight` of shape [3 * embed_dim, embed_dim] = [", 3 * embed_dim,
+                ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(), ", but got ",
+                weight.sym_sizes());
     TORCH_CHECK(args.key.sym_size(-1) == embed_dim && args.value.sym_size(-1) == embed_dim, kOp,
                 "a packed `in_proj_weight` needs `key` and `value` with embed_dim ", embed_dim,
                 " like `query`, but got `key` of shape ", args.key.sym_sizes(),
                 " and `value` of shape ", args.value.sym_sizes(),
                 " (use kdim/vdim, i.e. separate projection weights)");
   } else {
-    TORCH_CHECK(given(args.q_proj_weight) && given(args.k_proj_weight) &&
-                    given(args.v_proj_weight),
+    TORCH_CHECK(given(args.q_proj_weight) && given(args.k_proj_weight) && given(args.v_proj_weight),
                 kOp,
                 "separate projection weights need all of `q_proj_weight`, `k_proj_weight` and "
                 "`v_proj_weight`");
@@ -119,8 +130,8 @@ void check_projection_weights(const Arguments& args) {
       check_same_dtype_and_device(query, *weight, name);
       const c10::SymInt input_dim = inputs[index]->sym_size(-1);
       TORCH_CHECK(has_shape(*weight, {embed_dim, input_dim}), kOp, "expected `", name,
-                  "` of shape [embed_dim, ", input_names[index], ".size(-1)] = [", embed_dim,
-                  ", ", input_dim, "], but got ", weight->sym_sizes());
+                  "` of shape [embed_dim, ", input_names[index], ".size(-1)] = [", embed_dim, ", ",
+                  input_dim, "], but got ", weight->sym_sizes());
     }
   }
   check_same_dtype_and_device(query, args.key, "key");
@@ -132,10 +143,6 @@ void check_projection_weights(const Arguments& args) {
                 "], but got ", args.in_proj_bias->sym_sizes());
   }
   check_same_dtype_and_device(query, args.out_proj_weight, "out_proj_weight");
-  TORCH_CHECK(has_shape(args.out_proj_weight, {embed_dim, embed_dim}), kOp,
-              "expected `out_proj_weight` of shape [embed_dim, embed_dim] = [", embed_dim, ", ",
-              embed_dim, "] for `query` of shape ", query.sym_sizes(), ", but got ",
-              args.out_proj_weight.sym_sizes());
   if (given(args.out_proj_bias)) {
     check_same_dtype_and_device(query, *args.out_proj_bias, "out_proj_bias");
     TORCH_CHECK(has_shape(*args.out_proj_bias, {embed_dim}), kOp,
@@ -187,8 +194,8 @@ void check_masks(const Arguments& args) {
     TORCH_CHECK(has_shape(mask, {target_len, source_len}) ||
                     has_shape(mask, {groups, target_len, source_len}),
                 kOp, "expected `attn_mask` of shape [L, S] = [", target_len, ", ", source_len,
-                "] or [", batched ? "batch * num_heads" : "num_heads", ", L, S] = [", groups,
-                ", ", target_len, ", ", source_len, "], but got ", mask.sym_sizes());
+                "] or [", batched ? "batch * num_heads" : "num_heads", ", L, S] = [", groups, ", ",
+                target_len, ", ", source_len, "], but got ", mask.sym_sizes());
   }
 }
 
@@ -196,6 +203,7 @@ void check_masks(const Arguments& args) {
 
 void check_arguments(const Arguments& args) {
   check_ranks(args);
+  check_embed_dim(args);
   check_heads_and_lengths(args);
   check_projection_weights(args);
   check_bias_kv(args);

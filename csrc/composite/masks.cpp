@@ -31,7 +31,8 @@ std::optional<at::Tensor> merged_additive_mask(const Arguments& args,
   if (given(attn_mask)) {
     auto mask = additive(*attn_mask, dtype);
     // (L, S) -> (1, 1, L, S); (N * H, L, S) -> (N, H, L, S).
-    merged = mask.dim() == 2 ? mask.unsqueeze(0).unsqueeze(0) : mask.unflatten(0, {-1, args.num_heads});
+    merged =
+        mask.dim() == 2 ? mask.unsqueeze(0).unsqueeze(0) : mask.unflatten(0, {-1, args.num_heads});
   }
   if (given(args.key_padding_mask)) {
     auto mask = additive(*args.key_padding_mask, dtype);

@@ -27,7 +27,8 @@ at::Tensor split_heads(const at::Tensor& projected, int64_t num_heads, bool batc
 
 // (N, H, L, D) -> (N, L, E) or (L, N, E): the concatenation of the heads.
 at::Tensor merge_heads(const at::Tensor& attended, bool batch_first) {
-  return (batch_first ? attended.permute({0, 2, 1, 3}) : attended.permute({2, 0, 1, 3})).flatten(-2);
+  return (batch_first ? attended.permute({0, 2, 1, 3}) : attended.permute({2, 0, 1, 3}))
+      .flatten(-2);
 }
 
 std::optional<at::Tensor> bias_chunk(const Arguments& args, int64_t start, int64_t chunks) {
@@ -46,7 +47,8 @@ Heads project_packed(const Arguments& args, const at::Tensor& query, const at::T
   const c10::SymInt embed_dim = args.query.sym_size(-1);
   if (args.query.is_same(args.key) && args.key.is_same(args.value)) {
     // Self-attention: one GEMM produces q, k and v side by side.
-    const auto packed = at::linear(query, weight, bias_chunk(args, 0, 3)).unflatten(-1, {3, num_heads, -1});
+    const auto packed =
+        at::linear(query, weight, bias_chunk(args, 0, 3)).unflatten(-1, {3, num_heads, -1});
     return {to_attention_layout(packed.select(-3, 0), batch_first),
             to_attention_layout(packed.select(-3, 1), batch_first),
             to_attention_layout(packed.select(-3, 2), batch_first)};
@@ -54,14 +56,17 @@ Heads project_packed(const Arguments& args, const at::Tensor& query, const at::T
   const auto q = at::linear(query, weight.narrow_symint(0, 0, embed_dim), bias_chunk(args, 0, 1));
   if (args.key.is_same(args.value)) {
     // Encoder-decoder attention: one GEMM produces k and v.
-    const auto packed_kv = at::linear(key, weight.narrow_symint(0, embed_dim, 2 * embed_dim), bias_chunk(args, 1, 2))
-                               .unflatten(-1, {2, num_heads, -1});
+    const auto packed_kv =
+        at::linear(key, weight.narrow_symint(0, embed_dim, 2 * embed_dim), bias_chunk(args, 1, 2))
+            .unflatten(-1, {2, num_heads, -1});
     return {split_heads(q, num_heads, batch_first),
             to_attention_layout(packed_kv.select(-3, 0), batch_first),
             to_attention_layout(packed_kv.select(-3, 1), batch_first)};
   }
-  const auto k = at::linear(key, weight.narrow_symint(0, embed_dim, embed_dim), bias_chunk(args, 1, 1));
-  const auto v = at::linear(value, weight.narrow_symint(0, 2 * embed_dim, embed_dim), bias_chunk(args, 2, 1));
+  const auto k =
+      at::linear(key, weight.narrow_symint(0, embed_dim, embed_dim), bias_chunk(args, 1, 1));
+  const auto v =
+      at::linear(value, weight.narrow_symint(0, 2 * embed_dim, embed_dim), bias_chunk(args, 2, 1));
   return {split_heads(q, num_heads, batch_first), split_heads(k, num_heads, batch_first),
           split_heads(v, num_heads, batch_first)};
 }
@@ -91,12 +96,28 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p, bool training,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& attn_mask,
     bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first) {
-  const Arguments args{query,         key,           value,         num_heads,
-                       in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight,
-                       v_proj_weight, out_proj_weight, out_proj_bias, bias_k,
-                       bias_v,        add_zero_attn, dropout_p,     training,
-                       key_padding_mask, attn_mask,  need_weights,  average_attn_weights,
-                       is_causal,     batch_first};
+  const Arguments args{query,
+                       key,
+                       value,
+                       num_heads,
+                       in_proj_weight,
+                       in_proj_bias,
+                       q_proj_weight,
+                       k_proj_weight,
+                       v_proj_weight,
+                       out_proj_weight,
+                       out_proj_bias,
+                       bias_k,
+                       bias_v,
+                       add_zero_attn,
+                       dropout_p,
+                       training,
+                       key_padding_mask,
+                       attn_mask,
+                       need_weights,
+                       average_attn_weights,
+                       is_causal,
+                       batch_first};
   check_arguments(args);
 
   // Unbatched inputs gain a batch of one in front and are treated as batch-first.
@@ -129,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   } else if (is_causal && !given(attn_mask)) {
     // is_causal without a mask means causal attention (PyTorch would demand a mask).
     const int64_t seq_dim = args.sequence_dim();
-    effective_attn_mask = causal_mask(query.sym_size(seq_dim), key.sym_size(seq_dim), query.options());
+    effective_attn_mask =
+        causal_mask(query.sym_size(seq_dim), key.sym_size(seq_dim), query.options());
   }
   auto mask = merged_additive_mask(args, effective_attn_mask, appended_keys);
   const double dropout = training ? dropout_p : 0.0;
@@ -156,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   } else {
     std::optional<at::Tensor> fully_masked_rows;
     if (mask) {
-      // Rows with every key masked attend to nothing; a finite mask row keeps every backend NaN-free.
+      // Rows with every key masked attend to nothing; a finite mask row keeps every backend
+      // NaN-free.
       fully_masked_rows = mask->isneginf().all(-1, /*keepdim=*/true);
       mask = mask->masked_fill(*fully_masked_rows, 0);
     }
@@ -168,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     weights = at::empty({0}, query.options());
   }
 
-  auto output = at::linear(merge_heads(attended, layout_batch_first), out_proj_weight, out_proj_bias);
+  auto output =
+      at::linear(merge_heads(attended, layout_batch_first), out_proj_weight, out_proj_bias);
   if (!batched) {
     output = output.squeeze(0);
   }

@@ -22,7 +22,8 @@ std::string pretty(const ModuleType& module) {
 
 template <typename ModuleType>
 torch::python::detail::PyModuleClass<ModuleType> bind_common(py::module& m, const char* name) {
-  return torch::python::add_module_bindings(torch::python::detail::PyModuleClass<ModuleType>(m, name))
+  return torch::python::add_module_bindings(
+             torch::python::detail::PyModuleClass<ModuleType>(m, name))
       .def("pretty_print", &pretty<ModuleType>)
       // Every parameter with its dotted name, as a state dict spells it.
       .def_property_readonly("_flat_parameters",
@@ -51,9 +52,9 @@ PYBIND11_MODULE(_C, m) {
                      .batch_first(batch_first));
            }),
            py::arg("embed_dim"), py::arg("num_heads"), py::arg("dropout") = 0.0,
-           py::arg("bias") = true, py::arg("add_bias_kv") = false,
-           py::arg("add_zero_attn") = false, py::arg("kdim") = py::none(),
-           py::arg("vdim") = py::none(), py::arg("batch_first") = false)
+           py::arg("bias") = true, py::arg("add_bias_kv") = false, py::arg("add_zero_attn") = false,
+           py::arg("kdim") = py::none(), py::arg("vdim") = py::none(),
+           py::arg("batch_first") = false)
       .def(
           "forward",
           [](MultiHeadAttentionImpl& module, const torch::Tensor& query, const torch::Tensor& key,
@@ -67,10 +68,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = true,
           py::arg("attn_mask") = py::none(), py::arg("average_attn_weights") = true,
           py::arg("is_causal") = false)
-      .def_property_readonly("embed_dim",
-                             [](const MultiHeadAttentionImpl& module) { return module.options.embed_dim(); })
-      .def_property_readonly("num_heads",
-                             [](const MultiHeadAttentionImpl& module) { return module.options.num_heads(); })
+      .def_property_readonly(
+          "embed_dim",
+          [](const MultiHeadAttentionImpl& module) { return module.options.embed_dim(); })
+      .def_property_readonly(
+          "num_heads",
+          [](const MultiHeadAttentionImpl& module) { return module.options.num_heads(); })
       .def_property_readonly("batch_first", [](const MultiHeadAttentionImpl& module) {
         return module.options.batch_first();
       });
@@ -90,7 +93,6 @@ PYBIND11_MODULE(_C, m) {
             return module.forward(query, key, value, or_undefined(mask));
           },
           py::arg("query"), py::arg("key"), py::arg("value"), py::arg("mask") = py::none())
-      .def_property_readonly("attn", [](const TextbookMultiHeadAttentionImpl& module) {
-        return module.attn;
-      });
+      .def_property_readonly(
+          "attn", [](const TextbookMultiHeadAttentionImpl& module) { return module.attn; });
 }

@@ -4,8 +4,10 @@ Importing this package loads the C++ extension, which registers
 ``torch.ops.torchmha.multi_head_attention``.
 """
 
-from torchmha import _C  # noqa: F401  (registers the op)
-from torchmha import cpp
+from torchmha import (
+    _C,  # noqa: F401  (registers the op)
+    cpp,
+)
 from torchmha.modules import MultiHeadAttention
 from torchmha.ops import multi_head_attention
 from torchmha.textbook import TextbookMultiHeadAttention

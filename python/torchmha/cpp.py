@@ -33,11 +33,13 @@ class _CppModule(torch.nn.cpp.ModuleWrapper):
         if strict:
             own = {prefix + name for name in self._parameters.keys()}
             missing_keys.extend(key for key in own if key not in state_dict)
-            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in own)
+            unexpected_keys.extend(
+                key for key in state_dict if key.startswith(prefix) and key not in own
+            )
 
 
 class MultiHeadAttention(_CppModule):
-    """The C++ ``torchmha::MultiHeadAttention``, with ``torch.nn.MultiheadAttention``'s arguments."""
+    """The C++ ``torchmha::MultiHeadAttention``; ``torch.nn.MultiheadAttention``'s arguments."""
 
     def __init__(
         self,
@@ -53,7 +55,15 @@ class MultiHeadAttention(_CppModule):
     ) -> None:
         super().__init__(
             _C.MultiHeadAttention(
-                embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first
+                embed_dim,
+                num_heads,
+                dropout,
+                bias,
+                add_bias_kv,
+                add_zero_attn,
+                kdim,
+                vdim,
+                batch_first,
             )
         )
 

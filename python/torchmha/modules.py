@@ -69,7 +69,9 @@ class MultiHeadAttention(nn.Module):
         self.add_zero_attn = add_zero_attn
 
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory_kwargs))
+            self.in_proj_weight = nn.Parameter(
+                torch.empty((3 * embed_dim, embed_dim), **factory_kwargs)
+            )
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
@@ -117,7 +119,7 @@ class MultiHeadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Attend from ``query`` to ``key``/``value``; see :meth:`torch.nn.MultiheadAttention.forward`.
+        """Attend from ``query`` to ``key``/``value``, as ``torch.nn.MultiheadAttention`` does.
 
         Returns ``(attn_output, attn_output_weights)``; the weights are ``None`` unless
         ``need_weights``, averaged over heads unless ``average_attn_weights=False``.

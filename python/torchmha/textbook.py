@@ -25,7 +25,9 @@ class TextbookMultiHeadAttention(nn.Module):
     def __init__(self, h: int, d_model: int, dropout: float = 0.1) -> None:
         super().__init__()
         if h <= 0 or d_model % h != 0:
-            raise ValueError(f"d_model must be a positive multiple of h, got h={h} and d_model={d_model}")
+            raise ValueError(
+                f"d_model must be a positive multiple of h, got h={h} and d_model={d_model}"
+            )
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.d_k = d_model // h
@@ -35,7 +37,9 @@ class TextbookMultiHeadAttention(nn.Module):
         self.output_linear = nn.Linear(d_model, d_model)
         self.attn = None
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None
+    ) -> Tensor:
         """Attend from ``query`` to ``key``/``value``; returns ``(B, L, d_model)``."""
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(
@@ -44,7 +48,7 @@ class TextbookMultiHeadAttention(nn.Module):
             )
         attn_mask: Optional[Tensor] = None
         if mask is not None:
-            # Nonzero = may attend, broadcast to (B, h, L, S) -> the op's True = masked, (B*h, L, S).
+            # Nonzero = may attend, broadcast to (B, h, L, S) -> the op's True = masked (B*h, L, S).
             batch, target_len, source_len = query.size(0), query.size(1), key.size(1)
             attn_mask = (
                 (mask == 0)

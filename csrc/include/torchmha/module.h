@@ -28,14 +28,11 @@ class TORCHMHA_API MultiHeadAttentionImpl : public torch::nn::Cloneable<MultiHea
   /// Returns `(output, weights)`. `weights` is undefined when `need_weights` is false.
   /// Boolean masks are true where attention is not allowed; float masks are added.
   /// `is_causal` without `attn_mask` is causal attention.
-  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& query,
-                                                   const torch::Tensor& key,
-                                                   const torch::Tensor& value,
-                                                   const torch::Tensor& key_padding_mask = {},
-                                                   bool need_weights = true,
-                                                   const torch::Tensor& attn_mask = {},
-                                                   bool average_attn_weights = true,
-                                                   bool is_causal = false);
+  std::tuple<torch::Tensor, torch::Tensor> forward(
+      const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+      const torch::Tensor& key_padding_mask = {}, bool need_weights = true,
+      const torch::Tensor& attn_mask = {}, bool average_attn_weights = true,
+      bool is_causal = false);
 
   /// Creates the parameters and initialises them.
   void reset() override;
@@ -64,8 +61,7 @@ class TORCHMHA_API MultiHeadAttentionImpl : public torch::nn::Cloneable<MultiHea
   FORWARD_HAS_DEFAULT_ARGS({3, torch::nn::AnyValue(torch::Tensor())},
                            {4, torch::nn::AnyValue(true)},
                            {5, torch::nn::AnyValue(torch::Tensor())},
-                           {6, torch::nn::AnyValue(true)},
-                           {7, torch::nn::AnyValue(false)})
+                           {6, torch::nn::AnyValue(true)}, {7, torch::nn::AnyValue(false)})
 };
 
 /// A `ModuleHolder` for `MultiHeadAttentionImpl`; see LibTorch's module ownership semantics.

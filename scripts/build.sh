@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the Python extension in place and the CMake tree (libtorchmha, tests, example) in build/.
+# Incremental: only what changed is compiled again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v ccache >/dev/null; then
+  # The editable install compiles in a temporary folder; ccache lets later builds reuse that work.
+  export CCACHE_NOHASHDIR=1 CCACHE_BASEDIR=$PWD
+  export CXX="ccache ${CXX:-g++}"
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+else
+  launcher=()
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+if ! .venv/bin/python -m pip show -q torchmha >/dev/null 2>&1; then
+  echo "build: installing torchmha into .venv (editable, --no-build-isolation)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+fi
+echo "build: Python extension"
+.venv/bin/python setup.py -q build_ext --inplace
+
+echo "build: CMake tree in build/"
+torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" "${launcher[@]}" >/dev/null
+cmake --build build

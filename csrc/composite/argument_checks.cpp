@@ -30,13 +30,6 @@ void check_same_dtype_and_device(const at::Tensor& query, const at::Tensor& tens
               "` on the device of `query` (", query.device(), "), but got ", tensor.device());
 }
 
-void check_optional(const at::Tensor& query, const std::optional<at::Tensor>& tensor,
-                    const char* name) {
-  if (given(tensor)) {
-    check_same_dtype_and_device(query, *tensor, name);
-  }
-}
-
 void check_mask_dtype(const at::Tensor& query, const at::Tensor& mask, const char* name) {
   TORCH_CHECK(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()), kOp,
               "only bool and floating types of `", name, "` are supported, but got ",

@@ -7,21 +7,44 @@ LibTorch program builds: its parameters are the C++ tensors, ``.train()``, ``.ev
 
 from typing import Optional
 
-import torch.nn.cpp
+from torch import nn
+from torch.nn.cpp import OrderedDictWrapper
 
 from torchmha import _C
 
 
-class _CppModule(torch.nn.cpp.ModuleWrapper):
-    """Wraps a bound C++ module; parameters appear flat, under their dotted state-dict names."""
+class _CppModule(nn.Module):
+    """An ``nn.Module`` whose parameters and training flag live in a bound C++ module.
+
+    Parameters appear flat, under their dotted state-dict names (``out_proj.weight``), so
+    ``state_dict()``, ``load_state_dict()``, ``parameters()``, ``.to()`` and ``zero_grad()`` are
+    ``nn.Module``'s own and act on the C++ tensors.
+    """
 
     def __init__(self, cpp_module) -> None:
-        super().__init__(cpp_module)
-        self._parameters = torch.nn.cpp.OrderedDictWrapper(cpp_module, "_flat_parameters")
-        self._modules = {}
+        # Set before nn.Module.__init__, which assigns `training` (a property over the C++ flag).
+        self.cpp_module = cpp_module
+        super().__init__()
+        self._parameters = OrderedDictWrapper(cpp_module, "_flat_parameters")
 
-    def __repr__(self) -> str:
-        return self.cpp_module.pretty_print()
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        return self.cpp_module.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.cpp_module.train(mode)
+
+    def forward(self, *args, **kwargs):
+        return self.cpp_module.forward(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # The C++ module keeps its tensors, so conversions replace their data in place.
+        for parameter in self.parameters():
+            parameter.data = fn(parameter.data)
+            if parameter.grad is not None:
+                parameter.grad.data = fn(parameter.grad.data)
+        return self
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -36,6 +59,9 @@ class _CppModule(torch.nn.cpp.ModuleWrapper):
             unexpected_keys.extend(
                 key for key in state_dict if key.startswith(prefix) and key not in own
             )
+
+    def __repr__(self) -> str:
+        return self.cpp_module.pretty_print()
 
 
 class MultiHeadAttention(_CppModule):
@@ -66,6 +92,18 @@ class MultiHeadAttention(_CppModule):
                 batch_first,
             )
         )
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cpp_module.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.cpp_module.num_heads
+
+    @property
+    def batch_first(self) -> bool:
+        return self.cpp_module.batch_first
 
 
 class TextbookMultiHeadAttention(_CppModule):

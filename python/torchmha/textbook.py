@@ -44,7 +44,7 @@ class TextbookMultiHeadAttention(nn.Module):
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(
                 "expected batch-first 3-D query, key and value (B, L, d_model), but got "
-                f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+                f"{query.shape}, {key.shape} and {value.shape}"
             )
         attn_mask: Optional[Tensor] = None
         if mask is not None:

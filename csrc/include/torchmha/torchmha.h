@@ -15,7 +15,7 @@ TORCHMHA_API const char* version();
 namespace detail {
 // Referencing a symbol of libtorchmha keeps the linker from dropping the library (and with it
 // the op registration) from a program that includes this header, even under --as-needed.
-extern "C" __attribute__((weak)) const char* (*torchmha_link_anchor)() = &version;
+__attribute__((weak)) const char* (*link_anchor)() = &version;
 }  // namespace detail
 
 }  // namespace torchmha

@@ -4,13 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if command -v ccache >/dev/null; then
-  # The editable install compiles in a temporary folder; ccache lets later builds reuse that work.
-  export CCACHE_NOHASHDIR=1 CCACHE_BASEDIR=$PWD
-  export CXX="ccache ${CXX:-g++}"
-  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
-else
-  launcher=()
+if [[ -d /usr/lib/ccache ]]; then
+  # ccache's compiler links come first; the editable install compiles in a temporary folder, and
+  # ccache lets the in-place build and the CMake build reuse that work.
+  export PATH=/usr/lib/ccache:$PATH CCACHE_NOHASHDIR=1 CCACHE_BASEDIR=$PWD
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
@@ -23,5 +20,5 @@ echo "build: Python extension"
 
 echo "build: CMake tree in build/"
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
-cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" "${launcher[@]}" >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" >/dev/null
 cmake --build build

@@ -14,9 +14,10 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if ! .venv/bin/python -m pip show -q torchmha >/dev/null 2>&1; then
   echo "build: installing torchmha into .venv (editable, --no-build-isolation)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+else
+  echo "build: Python extension (in place)"
+  .venv/bin/python setup.py -q build_ext --inplace
 fi
-echo "build: Python extension"
-.venv/bin/python setup.py -q build_ext --inplace
 
 echo "build: CMake tree in build/"
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')

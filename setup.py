@@ -13,6 +13,7 @@ LIBRARY_SOURCES = [
     "csrc/composite/multi_head_attention.cpp",
     "csrc/module.cpp",
     "csrc/textbook.cpp",
+    "csrc/serialize.cpp",
 ]
 
 setup(

@@ -35,6 +35,10 @@ torch::python::detail::PyModuleClass<ModuleType> bind_common(py::module& m, cons
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torchmha C++ extension: registers torch.ops.torchmha and binds the C++ modules.";
   m.def("version", &torchmha::version, "The version of the C++ library.");
+  m.def("save_state_dict", &torchmha::save_state_dict, py::arg("module"), py::arg("path"),
+        "Saves a C++ module's state dict in torch.save()'s format (torchmha::save_state_dict).");
+  m.def("load_state_dict", &torchmha::load_state_dict, py::arg("module"), py::arg("path"),
+        "Loads a torch.save()d state dict into a C++ module (torchmha::load_state_dict).");
 
   using torchmha::MultiHeadAttentionImpl;
   bind_common<MultiHeadAttentionImpl>(m, "MultiHeadAttention")

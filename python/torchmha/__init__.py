@@ -10,6 +10,7 @@ from torchmha import (
 )
 from torchmha.modules import MultiHeadAttention
 from torchmha.ops import multi_head_attention
+from torchmha.serialization import save_state_dict
 from torchmha.textbook import TextbookMultiHeadAttention
 
 __version__ = _C.version()
@@ -19,4 +20,5 @@ __all__ = [
     "TextbookMultiHeadAttention",
     "cpp",
     "multi_head_attention",
+    "save_state_dict",
 ]

@@ -5,6 +5,7 @@
 #include <torchmha/module.h>
 #include <torchmha/ops.h>
 #include <torchmha/options.h>
+#include <torchmha/serialize.h>
 #include <torchmha/textbook.h>
 
 namespace torchmha {

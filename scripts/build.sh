@@ -21,5 +21,6 @@ fi
 
 echo "build: CMake tree in build/"
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
-cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
+  -DTORCHMHA_PYTHON="$PWD/.venv/bin/python" >/dev/null
 cmake --build build

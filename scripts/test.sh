@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
 scripts/lint.sh
+scripts/check_packaging.sh
 
 echo "test: GoogleTest (ctest)"
 (cd build && ctest --output-on-failure -j "$(nproc)")

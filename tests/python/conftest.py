@@ -1,5 +1,7 @@
 """Shared fixtures and helpers: paired modules with identical weights, per-dtype tolerances."""
 
+import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
@@ -151,3 +153,7 @@ def random_bool_masks(
     for mask in (key_padding, attn_2d, attn_3d):
         mask[..., visible] = False
     return key_padding, attn_2d, attn_3d
+
+
+# The models of the interchange fixtures (scripts/fixtures) serve the Python interchange tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "fixtures"))

@@ -77,8 +77,9 @@ void check_heads_and_lengths(const Arguments& args) {
     TORCH_CHECK(args.key.sym_size(batch_dim) == query.sym_size(batch_dim) &&
                     args.value.sym_size(batch_dim) == query.sym_size(batch_dim),
                 kOp, "expected `query`, `key` and `value` to share the batch size (dim ", batch_dim,
-                " with batch_first=", args.batch_first, "), but got `query` ", query.sym_sizes(),
-                ", `key` ", args.key.sym_sizes(), ", `value` ", args.value.sym_sizes());
+                " with batch_first=", args.batch_first ? "True" : "False", "), but got `query` ",
+                query.sym_sizes(), ", `key` ", args.key.sym_sizes(), ", `value` ",
+                args.value.sym_sizes());
   }
   const int64_t seq_dim = args.sequence_dim();
   TORCH_CHECK(args.key.sym_size(seq_dim) == args.value.sym_size(seq_dim), kOp,

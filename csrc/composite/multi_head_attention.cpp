@@ -142,8 +142,11 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     ++appended_keys;
   }
 
-  // PyTorch's rule: the causal hint replaces the mask unless padding or weights need the mask.
-  const bool use_causal_hint = is_causal && !given(key_padding_mask) && !need_weights;
+  // PyTorch's rule: the causal hint replaces a given mask unless padding or weights need the
+  // mask. Without a mask, appended keys (bias_k, zero key) stay visible to every query, as they
+  // are when the causal mask is given and padded, so SDPA's flag only serves when none is appended.
+  const bool use_causal_hint = is_causal && !given(key_padding_mask) && !need_weights &&
+                               (given(attn_mask) || appended_keys == 0);
   std::optional<at::Tensor> effective_attn_mask = attn_mask;
   if (use_causal_hint) {
     effective_attn_mask = std::nullopt;

@@ -157,3 +157,41 @@ def random_bool_masks(
 
 # The models of the interchange fixtures (scripts/fixtures) serve the Python interchange tests too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "fixtures"))
+
+
+# The two torchmha modules that stand in for torch.nn.MultiheadAttention.
+IMPLS = ["python", "cpp"]
+
+# Low precision is judged against PyTorch in the same dtype (as in test_cuda.py): torchmha's
+# error to a float64 result may be at most twice PyTorch's own, plus this floor for when
+# PyTorch's error happens to be tiny (about one unit in the last place at magnitude 1-10).
+LOW_PRECISION_FLOOR: Dict[torch.dtype, float] = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make_impl_pair(
+    impl: str,
+    embed_dim: int = 8,
+    num_heads: int = 2,
+    dtype: torch.dtype = torch.float64,
+    **kwargs: Any,
+) -> Tuple[nn.MultiheadAttention, nn.Module]:
+    """A random ``nn.MultiheadAttention`` and, loaded from it, ``torchmha.MultiHeadAttention``
+    (``impl="python"``) or the pybind11-bound ``torchmha.cpp.MultiHeadAttention`` (``"cpp"``)."""
+    if impl == "python":
+        return make_mha_pair(embed_dim, num_heads, dtype, **kwargs)
+    reference = nn.MultiheadAttention(embed_dim, num_heads, dtype=dtype, **kwargs)
+    randomize_parameters(reference)
+    candidate = torchmha.cpp.MultiHeadAttention(embed_dim, num_heads, **kwargs).to(dtype)
+    candidate.load_state_dict(reference.state_dict(), strict=True)
+    return reference, candidate
+
+
+def assert_no_worse_than_pytorch(
+    ours: Tensor, pytorch: Tensor, truth: Tensor, floor: float, name: str = "result"
+) -> None:
+    """``max|ours - truth| <= 2 * max|pytorch - truth| + floor``, all compared in float64."""
+    our_error = (ours.double() - truth).abs().max().item()
+    pytorch_error = (pytorch.double() - truth).abs().max().item()
+    assert our_error <= 2 * pytorch_error + floor, (
+        f"{name}: torchmha is {our_error:.3e} from float64, PyTorch {pytorch_error:.3e}"
+    )

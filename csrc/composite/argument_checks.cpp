@@ -21,6 +21,13 @@ bool has_shape(const at::Tensor& tensor, std::initializer_list<c10::SymInt> shap
   return true;
 }
 
+// Sparse and nested tensors have no fixed (L, N, E) sizes to check; refuse them by name.
+void check_dense(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(!tensor.is_nested() && tensor.layout() == at::kStrided, kOp, "expected a dense `",
+              name, "`, but got a ",
+              tensor.is_nested() ? std::string("nested") : c10::str(tensor.layout()), " tensor");
+}
+
 void check_same_dtype_and_device(const at::Tensor& query, const at::Tensor& tensor,
                                  const char* name) {
   TORCH_CHECK(tensor.scalar_type() == query.scalar_type(), kOp, "expected `", name,
@@ -36,10 +43,14 @@ void check_mask_dtype(const at::Tensor& query, const at::Tensor& mask, const cha
               mask.scalar_type());
   TORCH_CHECK(mask.device() == query.device(), kOp, "expected `", name,
               "` on the device of `query` (", query.device(), "), but got ", mask.device());
+  check_dense(mask, name);
 }
 
 void check_ranks(const Arguments& args) {
   const auto& query = args.query;
+  check_dense(query, "query");
+  check_dense(args.key, "key");
+  check_dense(args.value, "value");
   TORCH_CHECK(query.dim() == 2 || query.dim() == 3, kOp,
               "expected `query` to be 2-D (unbatched) or 3-D (batched), but got `query` of shape ",
               query.sym_sizes());
@@ -69,6 +80,9 @@ void check_heads_and_lengths(const Arguments& args) {
   TORCH_CHECK_VALUE(args.num_heads > 0, kOp, "`num_heads` must be positive, but got ",
                     args.num_heads);
   const c10::SymInt embed_dim = query.sym_size(-1);
+  // PyTorch refuses embed_dim 0 too; heads of size 0 would divide the scores by sqrt(0).
+  TORCH_CHECK_VALUE(embed_dim > 0, kOp, "embed_dim (the last dimension of `query` ",
+                    query.sym_sizes(), ") must be positive");
   TORCH_CHECK_VALUE(embed_dim % args.num_heads == 0, kOp, "embed_dim ", embed_dim,
                     " (the last dimension of `query` ", query.sym_sizes(),
                     ") is not divisible by num_heads ", args.num_heads);
@@ -155,9 +169,11 @@ void check_bias_kv(const Arguments& args) {
   const c10::SymInt embed_dim = args.query.sym_size(-1);
   for (const auto& [bias, name] : {std::pair{&*args.bias_k, "bias_k"}, {&*args.bias_v, "bias_v"}}) {
     check_same_dtype_and_device(args.query, *bias, name);
-    TORCH_CHECK(bias->sym_numel() == embed_dim, kOp, "expected `", name,
-                "` of shape [1, 1, embed_dim] = [1, 1, ", embed_dim, "], but got ",
-                bias->sym_sizes());
+    // [E], [1, E] and [1, 1, E] as in PyTorch; a [2, E / 2] bias would be reshaped silently.
+    TORCH_CHECK(bias->dim() >= 1 && bias->dim() <= 3 && bias->sym_size(-1) == embed_dim &&
+                    bias->sym_numel() == embed_dim,
+                kOp, "expected `", name, "` of shape [1, 1, embed_dim] = [1, 1, ", embed_dim,
+                "], but got ", bias->sym_sizes());
   }
 }
 

@@ -7,13 +7,13 @@ LibTorch program builds: its parameters are the C++ tensors, ``.train()``, ``.ev
 
 from typing import Optional
 
-from torch import nn
 from torch.nn.cpp import OrderedDictWrapper
 
 from torchmha import _C
+from torchmha.loading import AllOrNothingLoading
 
 
-class _CppModule(nn.Module):
+class _CppModule(AllOrNothingLoading):
     """An ``nn.Module`` whose parameters and training flag live in a bound C++ module.
 
     Parameters appear flat, under their dotted state-dict names (``out_proj.weight``), so

@@ -6,10 +6,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 
+from torchmha.loading import AllOrNothingLoading
 from torchmha.ops import multi_head_attention
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(AllOrNothingLoading):
     """Multi-head attention computed by the C++ op ``torch.ops.torchmha.multi_head_attention``.
 
     Same constructor, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``,

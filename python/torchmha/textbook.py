@@ -5,10 +5,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from torchmha.loading import AllOrNothingLoading
 from torchmha.ops import multi_head_attention
 
 
-class TextbookMultiHeadAttention(nn.Module):
+class TextbookMultiHeadAttention(AllOrNothingLoading):
     """``MultiHeadAttention(h, d_model, dropout)`` of the chapter (after BERT-pytorch).
 
     Parameters carry the chapter's names (``linear_layers.0/1/2`` and ``output_linear``), so a

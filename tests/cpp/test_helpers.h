@@ -25,6 +25,24 @@ inline void expect_error_containing(const std::function<void()>& fn,
   }
 }
 
+// Like expect_error_containing, and the error is a c10::ValueError (ValueError in Python).
+inline void expect_value_error_containing(const std::function<void()>& fn,
+                                          const std::vector<std::string>& parts) {
+  expect_error_containing(
+      [&] {
+        try {
+          fn();
+        } catch (const c10::ValueError&) {
+          throw;
+        } catch (const c10::Error& error) {
+          ADD_FAILURE() << "expected a c10::ValueError, got another c10::Error:\n"
+                        << error.what_without_backtrace();
+          throw;
+        }
+      },
+      parts);
+}
+
 inline void expect_close(const torch::Tensor& actual, const torch::Tensor& expected,
                          double tolerance) {
   ASSERT_EQ(actual.sizes(), expected.sizes());

@@ -1,0 +1,362 @@
+// The catalogue of bad inputs: each one gets a c10::Error naming the argument and its shape,
+// never a crash or a silent answer. Empty and non-finite inputs behave like LibTorch's module.
+// (test_textbook_and_errors.cpp holds the first messages; these cases are the rest.)
+#include <torchmha/torchmha.h>
+
+#include <array>
+#include <limits>
+
+#include "test_helpers.h"
+
+namespace {
+
+using torchmha::testing::expect_error_containing;
+using torchmha::testing::expect_value_error_containing;
+
+constexpr int64_t kEmbedDim = 8;
+constexpr int64_t kHeads = 2;
+
+// Every argument of the op with a valid default (self-attention, L = 5, N = 2, E = 8), so a test
+// changes exactly the one argument it is about.
+struct OpCall {
+  torch::Tensor query = torch::randn({5, 2, kEmbedDim});
+  torch::Tensor key = query;
+  torch::Tensor value = query;
+  int64_t num_heads = kHeads;
+  std::optional<torch::Tensor> in_proj_weight = torch::randn({3 * kEmbedDim, kEmbedDim});
+  std::optional<torch::Tensor> in_proj_bias = torch::randn({3 * kEmbedDim});
+  std::optional<torch::Tensor> q_proj_weight, k_proj_weight, v_proj_weight;
+  torch::Tensor out_proj_weight = torch::randn({kEmbedDim, kEmbedDim});
+  std::optional<torch::Tensor> out_proj_bias = torch::randn({kEmbedDim});
+  std::optional<torch::Tensor> bias_k, bias_v;
+  bool add_zero_attn = false;
+  double dropout_p = 0.0;
+  bool training = true;
+  std::optional<torch::Tensor> key_padding_mask, attn_mask;
+  bool need_weights = true;
+
+  std::tuple<torch::Tensor, torch::Tensor> operator()() const {
+    return torchmha::multi_head_attention(
+        query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight,
+        v_proj_weight, out_proj_weight, out_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p,
+        training, key_padding_mask, attn_mask, need_weights, /*average_attn_weights=*/true,
+        /*is_causal=*/false, /*batch_first=*/false);
+  }
+  // Separate projection weights for key features `kdim` and value features `vdim`.
+  void use_separate_weights(int64_t kdim, int64_t vdim) {
+    in_proj_weight.reset();
+    q_proj_weight = torch::randn({kEmbedDim, kEmbedDim});
+    k_proj_weight = torch::randn({kEmbedDim, kdim});
+    v_proj_weight = torch::randn({kEmbedDim, vdim});
+    key = torch::randn({5, 2, kdim});
+    value = torch::randn({5, 2, vdim});
+  }
+};
+
+TEST(BadRanks, QueryOfOneOrZeroDimensions) {
+  OpCall call;
+  call.query = call.key = call.value = torch::randn({kEmbedDim});
+  expect_error_containing(call, {"`query`", "2-D", "3-D", "[8]"});
+  call.query = call.key = call.value = torch::tensor(1.0);
+  expect_error_containing(call, {"`query`", "of shape []"});
+}
+
+TEST(BadRanks, ValueRankDiffersFromQuery) {
+  OpCall call;
+  call.value = torch::randn({5, kEmbedDim});
+  expect_error_containing(call, {"`value` of shape [5, 8]", "3-D like `query`"});
+}
+
+TEST(BadEmbedDim, NonSquareOutputProjection) {
+  OpCall call;
+  call.out_proj_weight = torch::randn({kEmbedDim, kEmbedDim + 1});
+  expect_error_containing(call, {"`out_proj_weight`", "[8, 9]"});
+}
+
+TEST(BadEmbedDim, PackedInputProjectionOfWrongShape) {
+  OpCall call;
+  call.in_proj_weight = torch::randn({3 * kEmbedDim, kEmbedDim + 1});
+  expect_error_containing(call, {"`in_proj_weight`", "[24, 8]", "but got [24, 9]"});
+}
+
+TEST(BadEmbedDim, BiasesOfWrongShape) {
+  OpCall call;
+  call.in_proj_bias = torch::randn({kEmbedDim});
+  expect_error_containing(call, {"`in_proj_bias`", "[24]", "but got [8]"});
+  call = OpCall();
+  call.out_proj_bias = torch::randn({kEmbedDim, 1});
+  expect_error_containing(call, {"`out_proj_bias`", "[8]", "but got [8, 1]"});
+}
+
+TEST(BadEmbedDim, KeyFeaturesDifferWithPackedWeights) {
+  OpCall call;
+  call.key = call.value = torch::randn({5, 2, 6});
+  expect_error_containing(call, {"`in_proj_weight`", "`key` of shape [5, 2, 6]", "kdim/vdim"});
+}
+
+TEST(BadEmbedDim, ZeroIsAValueError) {
+  OpCall call;
+  call.query = call.key = call.value = torch::randn({5, 2, 0});
+  call.in_proj_weight = torch::randn({0, 0});
+  call.in_proj_bias = torch::randn({0});
+  call.out_proj_weight = torch::randn({0, 0});
+  call.out_proj_bias = torch::randn({0});
+  expect_value_error_containing(call, {"embed_dim", "[5, 2, 0]", "must be positive"});
+}
+
+TEST(BadNumHeads, NotDividingEmbedDimIsAValueError) {
+  OpCall call;
+  call.num_heads = 3;
+  expect_value_error_containing(call, {"embed_dim 8", "not divisible by num_heads 3"});
+  call.num_heads = 16;
+  expect_value_error_containing(call, {"embed_dim 8", "not divisible by num_heads 16"});
+}
+
+TEST(BadNumHeads, ZeroOrNegativeIsAValueError) {
+  for (const int64_t heads : {int64_t{0}, int64_t{-2}, std::numeric_limits<int64_t>::min()}) {
+    OpCall call;
+    call.num_heads = heads;
+    expect_value_error_containing(call, {"`num_heads` must be positive", std::to_string(heads)});
+  }
+}
+
+TEST(BadKdimVdim, KeyOrValueFeaturesDifferFromTheirWeights) {
+  OpCall call;
+  call.use_separate_weights(3, 5);
+  call.key = torch::randn({5, 2, 4});
+  expect_error_containing(call, {"`k_proj_weight`", "[8, 4]", "but got [8, 3]"});
+  call.use_separate_weights(3, 5);
+  call.value = torch::randn({5, 2, 3});
+  expect_error_containing(call, {"`v_proj_weight`", "[8, 3]", "but got [8, 5]"});
+  call.use_separate_weights(3, 5);
+  call.q_proj_weight = torch::randn({kEmbedDim, 3});
+  expect_error_containing(call, {"`q_proj_weight`", "[8, 8]", "but got [8, 3]"});
+}
+
+TEST(BadKdimVdim, SomeSeparateWeightsMissing) {
+  OpCall call;
+  call.use_separate_weights(3, 5);
+  call.v_proj_weight.reset();
+  expect_error_containing(call, {"`q_proj_weight`", "`k_proj_weight`", "`v_proj_weight`"});
+}
+
+TEST(BadKdimVdim, ModuleGetsKeyOfWrongFeatureSize) {
+  torchmha::MultiHeadAttention attention(torchmha::MultiHeadAttentionOptions(8, 2).kdim(3).vdim(5));
+  const auto query = torch::randn({4, 2, 8});
+  expect_error_containing(
+      [&] {
+        attention(query, torch::randn({6, 2, 4}), torch::randn({6, 2, 5}));
+      },
+      {"`k_proj_weight`", "[8, 4]", "but got [8, 3]"});
+}
+
+TEST(BadMasks, IntegerAttnMasks) {
+  for (const auto dtype : {torch::kInt, torch::kByte, torch::kLong}) {
+    OpCall call;
+    call.attn_mask = torch::zeros({5, 5}, dtype);
+    expect_error_containing(call, {"`attn_mask`", "bool and floating", c10::toString(dtype)});
+  }
+}
+
+TEST(BadMasks, AttnMaskWithTooManyOrTooFewDims) {
+  OpCall call;
+  call.attn_mask = torch::zeros({2, kHeads, 5, 5}, torch::kBool);
+  expect_error_containing(call, {"`attn_mask`", "[5, 5]", "[4, 5, 5]", "but got [2, 2, 5, 5]"});
+  call.attn_mask = torch::zeros({5}, torch::kBool);
+  expect_error_containing(call, {"`attn_mask`", "but got [5]"});
+}
+
+TEST(BadMasks, AttnMaskWithWrongGroupCount) {
+  OpCall call;
+  call.attn_mask = torch::zeros({kHeads, 5, 5}, torch::kBool);  // batch * heads = 4 expected
+  expect_error_containing(
+      call, {"`attn_mask`", "[batch * num_heads, L, S] = [4, 5, 5]", "but got [2, 5, 5]"});
+}
+
+TEST(BadMasks, KeyPaddingMaskOfWrongShape) {
+  OpCall call;
+  call.key_padding_mask = torch::zeros({2, 5, 1}, torch::kBool);
+  expect_error_containing(call, {"`key_padding_mask`", "[2, 5]", "but got [2, 5, 1]"});
+  call.key_padding_mask = torch::zeros({5}, torch::kBool);
+  expect_error_containing(call, {"`key_padding_mask`", "[2, 5]", "but got [5]"});
+  call.query = call.key = call.value = torch::randn({5, kEmbedDim});
+  call.key_padding_mask = torch::zeros({1, 5}, torch::kBool);
+  expect_error_containing(call, {"`key_padding_mask`", "unbatched", "[5]", "but got [1, 5]"});
+}
+
+TEST(BadMasks, IntegerKeyPaddingMask) {
+  OpCall call;
+  call.key_padding_mask = torch::zeros({2, 5}, torch::kInt);
+  expect_error_containing(call, {"`key_padding_mask`", "Int"});
+}
+
+TEST(BadMasks, SparseMask) {
+  OpCall call;
+  call.attn_mask = torch::zeros({5, 5}).to_sparse();
+  expect_error_containing(call, {"dense `attn_mask`", "Sparse"});
+}
+
+// CUDA and CPU tensors are compared by the same device checks; `meta` stands in for CUDA here.
+TEST(BadDevices, InputsWeightsAndMasksOnAnotherDevice) {
+  const auto meta = torch::Device(torch::kMeta);
+  OpCall call;
+  call.key = call.value = call.query.to(meta);
+  expect_error_containing(call, {"`key`", "device of `query` (cpu)", "meta"});
+  call = OpCall();
+  call.query = call.query.to(meta);
+  expect_error_containing(call, {"`in_proj_weight`", "device of `query` (meta)", "cpu"});
+  call = OpCall();
+  call.out_proj_weight = call.out_proj_weight.to(meta);
+  expect_error_containing(call, {"`out_proj_weight`", "meta"});
+  call = OpCall();
+  call.attn_mask = torch::zeros({5, 5}, torch::TensorOptions(torch::kBool).device(meta));
+  expect_error_containing(call, {"`attn_mask`", "meta"});
+  call = OpCall();
+  call.key_padding_mask = torch::zeros({2, 5}, torch::TensorOptions(torch::kBool).device(meta));
+  expect_error_containing(call, {"`key_padding_mask`", "meta"});
+}
+
+TEST(BadDtypes, KeyAndWeightsOfAnotherDtype) {
+  OpCall call;
+  call.key = call.value = call.query.to(torch::kFloat64);
+  expect_error_containing(call, {"`key`", "dtype of `query` (Float)", "Double"});
+  call = OpCall();
+  call.in_proj_bias = call.in_proj_bias->to(torch::kBFloat16);
+  expect_error_containing(call, {"`in_proj_bias`", "BFloat16"});
+}
+
+TEST(BadDtypes, IntegerAndComplexQuery) {
+  for (const auto dtype : {torch::kLong, torch::kComplexFloat}) {
+    OpCall call;
+    call.query = call.key = call.value = call.query.to(dtype);
+    expect_error_containing(call, {"floating point `query`", c10::toString(dtype)});
+  }
+}
+
+TEST(BadLayouts, SparseAndNestedQuery) {
+  OpCall call;
+  call.query = call.key = call.value = call.query.to_sparse();
+  expect_error_containing(call, {"dense `query`", "Sparse"});
+  call = OpCall();
+  call.key = call.value =
+      torch::nested::nested_tensor({torch::randn({3, kEmbedDim}), torch::randn({4, kEmbedDim})});
+  expect_error_containing(call, {"dense `key`", "nested"});
+}
+
+TEST(BadDropout, OutsideZeroOneIsAValueError) {
+  for (const double dropout : {-0.5, 1.5, std::numeric_limits<double>::quiet_NaN(),
+                               std::numeric_limits<double>::infinity()}) {
+    OpCall call;
+    call.dropout_p = dropout;
+    expect_value_error_containing(call, {"`dropout_p` must be in [0, 1]"});
+  }
+}
+
+TEST(BadDropout, OneDropsEveryProbability) {
+  OpCall call;
+  call.dropout_p = 1.0;
+  for (const bool need_weights : {true, false}) {
+    call.need_weights = need_weights;
+    const auto output = std::get<0>(call());
+    // No attention survives, so only the output projection's bias remains.
+    EXPECT_TRUE(torch::equal(output, call.out_proj_bias->expand_as(output))) << need_weights;
+  }
+}
+
+TEST(BadBiasKv, OnlyOneOrOfWrongShape) {
+  OpCall call;
+  call.bias_k = torch::randn({1, 1, kEmbedDim});
+  expect_error_containing(call, {"`bias_k` and `bias_v` go together", "only `bias_k`"});
+  call.bias_v = torch::randn({2, kEmbedDim / 2});
+  expect_error_containing(call, {"`bias_v`", "[1, 1, 8]", "but got [2, 4]"});
+}
+
+TEST(BadModuleOptions, EachIsAValueError) {
+  using Options = torchmha::MultiHeadAttentionOptions;
+  expect_value_error_containing([] { torchmha::MultiHeadAttention(Options(0, 2)); },
+                                {"embed_dim=0"});
+  expect_value_error_containing([] { torchmha::MultiHeadAttention(Options(8, -1)); },
+                                {"num_heads=-1"});
+  expect_value_error_containing([] { torchmha::MultiHeadAttention(Options(8, 3)); },
+                                {"divisible by num_heads 3"});
+  expect_value_error_containing([] { torchmha::MultiHeadAttention(Options(8, 2).kdim(0)); },
+                                {"kdim=0"});
+  expect_value_error_containing([] { torchmha::MultiHeadAttention(Options(8, 2).dropout(1.5)); },
+                                {"dropout", "1.5"});
+}
+
+// LibTorch's own module with the same weights: the reference for "behaves like PyTorch".
+struct ReferencePair {
+  torchmha::MultiHeadAttention ours{kEmbedDim, kHeads};
+  torch::nn::MultiheadAttention reference{kEmbedDim, kHeads};
+  ReferencePair() {
+    torch::NoGradGuard no_grad;
+    auto reference_parameters = reference->named_parameters();
+    for (auto& parameter : ours->named_parameters()) {
+      parameter.value().normal_();
+      reference_parameters[parameter.key()].copy_(parameter.value());
+    }
+  }
+};
+
+TEST(EmptyInputs, BatchOrSequenceOfZero) {
+  // PyTorch's shapes (test_bad_inputs.py compares with torch.nn.MultiheadAttention; LibTorch's
+  // C++ module itself fails on batch 0).
+  torchmha::MultiHeadAttention attention(kEmbedDim, kHeads);
+  using Shape = std::vector<int64_t>;
+  const std::array<Shape, 4> cases[] = {
+      // query, key, output, weights
+      {Shape{5, 0, kEmbedDim}, Shape{4, 0, kEmbedDim}, Shape{5, 0, kEmbedDim}, Shape{0, 5, 4}},
+      {Shape{0, 2, kEmbedDim}, Shape{4, 2, kEmbedDim}, Shape{0, 2, kEmbedDim}, Shape{2, 0, 4}},
+      {Shape{0, 0, kEmbedDim}, Shape{0, 0, kEmbedDim}, Shape{0, 0, kEmbedDim}, Shape{0, 0, 0}},
+      {Shape{0, kEmbedDim}, Shape{0, kEmbedDim}, Shape{0, kEmbedDim}, Shape{0, 0}},
+  };
+  for (const auto& [query_shape, key_shape, output_shape, weights_shape] : cases) {
+    const auto query = torch::randn(query_shape);
+    const auto key = torch::randn(key_shape);
+    for (const bool need_weights : {true, false}) {
+      const auto [output, weights] = attention->forward(query, key, key, {}, need_weights);
+      EXPECT_EQ(output.sizes(), output_shape);
+      if (need_weights) {
+        EXPECT_EQ(weights.sizes(), weights_shape);
+      }
+    }
+  }
+}
+
+TEST(EmptyInputs, NoKeysGiveZeroAttention) {
+  ReferencePair pair;
+  const auto query = torch::randn({5, 2, kEmbedDim});
+  const auto key = torch::randn({0, 2, kEmbedDim});
+  for (const bool need_weights : {true, false}) {
+    const auto [output, weights] = pair.ours->forward(query, key, key, {}, need_weights);
+    // Attention over no keys is zero, so the output is the output projection's bias.
+    EXPECT_TRUE(torch::allclose(output, pair.ours->out_proj->bias.expand({5, 2, kEmbedDim})));
+    if (need_weights) {
+      EXPECT_EQ(weights.sizes(), (std::vector<int64_t>{2, 5, 0}));
+    }
+  }
+}
+
+TEST(NonFiniteInputs, NanAndInfSpreadAsInLibTorch) {
+  ReferencePair pair;
+  const auto x = torch::randn({5, 2, kEmbedDim});
+  for (const double bad :
+       {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+        -std::numeric_limits<double>::infinity()}) {
+    auto query = x.clone();
+    query.index_put_({1, 0, 3}, bad);
+    auto key = x.clone();
+    key.index_put_({2, 1, 0}, bad);
+    for (const auto& [q, k] : {std::pair{query, x}, std::pair{x, key}}) {
+      const auto [output, weights] = pair.ours(q, k, k);
+      const auto [expected_output, expected_weights] = pair.reference(q, k, k);
+      EXPECT_FALSE(torch::isfinite(output).all().item<bool>()) << bad;
+      EXPECT_TRUE(torch::allclose(output, expected_output, 1e-4, 1e-5, /*equal_nan=*/true)) << bad;
+      EXPECT_TRUE(torch::allclose(weights, expected_weights, 1e-4, 1e-5, /*equal_nan=*/true))
+          << bad;
+    }
+  }
+}
+
+}  // namespace

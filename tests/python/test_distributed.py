@@ -1,7 +1,5 @@
 """DistributedDataParallel (gloo, CPU, 2 processes) trains torchmha exactly like one process."""
 
-import os
-import socket
 from pathlib import Path
 from typing import Dict
 
@@ -46,10 +44,10 @@ def train(model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
         optimizer.step()
 
 
-def worker(rank: int, port: int, output: str) -> None:
+def worker(rank: int, store: str, output: str) -> None:
     """One DDP rank: trains on its half of each batch; rank 0 writes the final weights."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    # A file store: no port to pick, so no race with other processes on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
         model, inputs, targets = make_model_and_data()
         shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
@@ -60,16 +58,11 @@ def worker(rank: int, port: int, output: str) -> None:
         dist.destroy_process_group()
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_ddp_matches_single_process(tmp_path: Path) -> None:
     """Equal shards and mean losses: DDP's averaged gradients are the full batch's."""
     output = tmp_path / "ddp_state.pt"
-    mp.spawn(worker, args=(free_loopback_port(), str(output)), nprocs=WORLD_SIZE, join=True)
+    store = tmp_path / "store"
+    mp.spawn(worker, args=(str(store), str(output)), nprocs=WORLD_SIZE, join=True)
     distributed: Dict[str, Tensor] = torch.load(output)
 
     model, inputs, targets = make_model_and_data()

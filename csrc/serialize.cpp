@@ -60,10 +60,16 @@ std::string printable(const std::string& text) {
   return result;
 }
 
-uint32_t read_le(const std::vector<char>& bytes, size_t offset, size_t width,
-                 const std::string& name) {
+void check_within(const std::vector<char>& bytes, size_t offset, size_t width,
+                  const std::string& name) {
   TORCH_CHECK(offset <= bytes.size() && width <= bytes.size() - offset, "the zip entry of ", name,
               " runs past the end");
+}
+
+// A little-endian field of 2 or 4 bytes of a zip header.
+uint32_t read_le(const std::vector<char>& bytes, size_t offset, size_t width,
+                 const std::string& name) {
+  check_within(bytes, offset, width, name);
   uint32_t value = 0;
   for (size_t index = 0; index < width; ++index) {
     value |= static_cast<uint32_t>(static_cast<uint8_t>(bytes[offset + index])) << (8 * index);
@@ -82,7 +88,7 @@ void verify_record_checksums(const std::vector<char>& bytes) {
     const uint32_t flags = read_le(bytes, header + 6, 2, name);
     const uint32_t method = read_le(bytes, header + 8, 2, name);
     const size_t name_length = read_le(bytes, header + 26, 2, name);
-    read_le(bytes, header + 30, name_length, name);  // the stored name is within the file
+    check_within(bytes, header + 30, name_length, name);
     const std::string stored_name(bytes.data() + header + 30, name_length);
     // A corrupted directory could point one record at another's data.
     TORCH_CHECK(stored_name.size() > name.size() &&

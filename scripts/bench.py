@@ -1,0 +1,274 @@
+"""Benchmark: torchmha against every peer, measured side by side in one run.
+
+Candidates (same weights, same input, self-attention, batch-first): torchmha from Python (with and
+without weights), its C++ module through pybind11, a pure C++ loop, the textbook adapter,
+torch.nn.MultiheadAttention (need_weights False and True), the chapter's module and LibTorch's
+torch::nn::MultiheadAttention. Modes: inference (eval, inference_mode) and training
+(forward + backward). Candidates take turns round by round, so drifting load hits all alike; each
+figure is the median over rounds of the mean of back-to-back calls (CUDA events on a GPU).
+
+Usage:
+  scripts/bench.py                      # CPU, float32, the CPU shapes
+  scripts/bench.py --device cuda        # GPU, bfloat16 and float32, the GPU shapes
+  scripts/bench.py --quick              # a tiny smoke run
+Writes <out>/<name>.json, .md and .png (the plot needs matplotlib).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "bench"))
+
+import peers  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
+
+import torchmha  # noqa: E402
+
+CPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 512, 512, 8), (2, 2048, 1024, 16)]
+GPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 1024, 1024, 16), (4, 4096, 2048, 16)]
+QUICK_SHAPES = [(2, 8, 32, 4)]
+CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtypes", help="comma-separated (default: float32 on CPU, "
+                        "bfloat16,float32 on CUDA)")
+    parser.add_argument("--shapes", nargs="*", help="B,L,E,H each (default: the device's four)")
+    parser.add_argument("--modes", default="inference,training")
+    parser.add_argument("--candidates", help="comma-separated subset (default: all)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--target-ms", type=float, default=150.0,
+                        help="time each candidate runs back to back per round")
+    parser.add_argument("--quick", action="store_true", help="tiny shape, two rounds")
+    parser.add_argument("--cpp-bench", default=os.path.join(ROOT, "build", "torchmha_bench"),
+                        help="the C++ timing program (CMake target torchmha_bench)")
+    parser.add_argument("--out", default=os.path.join(HERE, "bench", "results"))
+    parser.add_argument("--name", help="file name stem (default: cpu or the GPU's name)")
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes = args.shapes or [",".join(map(str, s)) for s in QUICK_SHAPES]
+        args.rounds, args.target_ms = 2, 5.0
+    return args
+
+
+def machine_description(device: torch.device) -> dict:
+    description = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "torchmha": torchmha.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+    }
+    try:
+        description["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        description["commit"] = "unknown"
+    if device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+        description["cuda"] = torch.version.cuda
+    return description
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def step_function(candidate, training: bool):
+    """One inference forward, or one training step (forward, backward of the sum)."""
+    if not training:
+        return candidate.forward
+
+    def step():
+        candidate.forward().float().sum().backward()
+
+    return step
+
+
+def run_cpp(binary, state_path, input_path, heads, device, dtype, mode, threads, calls):
+    """One round of the C++ candidates in a fresh process: {name: (ms, peak_bytes)}."""
+    command = [binary, state_path, input_path, str(heads), device.type, dtype, mode,
+               str(threads), "1", str(calls)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    measured = {}
+    for line in result.stdout.splitlines():
+        entry = json.loads(line)
+        measured[entry["candidate"]] = (entry["ms"][0], entry["peak_bytes"])
+    return measured
+
+
+def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
+    """Every candidate on one (dtype, shape, mode): a list of result rows."""
+    batch, seq, embed, heads = shape
+    dtype = getattr(torch, dtype_name)
+    training = mode == "training"
+    torch.manual_seed(0)
+    state = torch.nn.MultiheadAttention(embed, heads).state_dict()
+    x_cpu = torch.randn(batch, seq, embed)
+    x = x_cpu.to(device, dtype).requires_grad_(training)
+    candidates = {
+        name: c for name, c in peers.python_candidates(embed, heads, state, x).items()
+        if name in wanted
+    }
+    for candidate in candidates.values():
+        for module in candidate.modules:
+            module.train(training)
+    steps = {name: step_function(c, training) for name, c in candidates.items()}
+    samples = {name: [] for name in steps}
+    peaks = {}
+    calls = {}
+    grad_context = torch.enable_grad if training else torch.inference_mode
+    with grad_context():
+        for name, step in steps.items():
+            step()  # warm-up
+            peaks[name] = timing.peak_memory_bytes(step, device)
+            calls[name] = timing.calls_for(step, device, args.target_ms)
+
+    use_cpp = any(name in wanted for name in CPP_CANDIDATES) and os.path.exists(args.cpp_bench)
+    if use_cpp:
+        state_path = os.path.join(workdir, "state_dict.pt")
+        input_path = os.path.join(workdir, "input.pt")
+        torch.save(dict(state), state_path)  # a plain dict, which LibTorch reads
+        torch.save(x_cpu, input_path)
+        cpp_calls = calls.get("torchmha", max(calls.values(), default=1))
+        for name in CPP_CANDIDATES:
+            samples[name] = []
+
+    order = list(steps)
+    for round_index in range(args.rounds):
+        # A different candidate goes first each round.
+        rotated = order[round_index % max(len(order), 1):] + order[:round_index % max(len(order), 1)]
+        with grad_context():
+            for name in rotated:
+                samples[name].append(timing.milliseconds_per_call(steps[name], device, calls[name]))
+        if use_cpp:
+            measured = run_cpp(args.cpp_bench, state_path, input_path, heads, device, dtype_name,
+                               mode, args.threads, cpp_calls)
+            for name, (ms, peak) in measured.items():
+                samples[name].append(ms)
+                if round_index == 0:
+                    peaks[name] = peak
+
+    rows = []
+    for name, values in samples.items():
+        if name not in wanted or not values:
+            continue
+        rows.append({
+            "dtype": dtype_name, "batch": batch, "seq": seq, "embed": embed, "heads": heads,
+            "shape": shape, "case": (dtype_name, shape, mode), "mode": mode, "candidate": name,
+            "description": peers.DESCRIPTIONS[name], "median_ms": timing.median(values),
+            "samples_ms": values, "peak_bytes": peaks.get(name),
+        })
+    return rows
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    dtypes = (args.dtypes or ("bfloat16,float32" if device.type == "cuda" else "float32")).split(",")
+    shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes
+              else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    wanted = set(args.candidates.split(",") if args.candidates else peers.DESCRIPTIONS)
+    if not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
+        print(f"bench: {args.cpp_bench} not built; the C++ candidates are left out "
+              "(scripts/build.sh builds it)")
+
+    machine = machine_description(device)
+    peaks = {}
+    for dtype_name in dtypes:
+        peaks[dtype_name] = timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
+    print(json.dumps(machine))
+    print("GEMM peak (TFLOP/s): " + ", ".join(f"{d} {p:.3f}" for d, p in peaks.items()),
+          flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for dtype_name in dtypes:
+            for shape in shapes:
+                for mode in args.modes.split(","):
+                    case_rows = bench_case(args, device, dtype_name, shape, mode, wanted, workdir)
+                    report.add_ratios(case_rows, _weights_candidates(), peaks[dtype_name])
+                    print(report.markdown_table(case_rows).split("\n", 2)[2], flush=True)
+                    rows.extend(case_rows)
+    # The peak again at the end; the better of the two is the machine's.
+    for dtype_name in dtypes:
+        peaks[dtype_name] = max(peaks[dtype_name],
+                                timing.gemm_peak_tflops(device, getattr(torch, dtype_name)))
+    for dtype_name in dtypes:
+        report.add_ratios([r for r in rows if r["dtype"] == dtype_name], _weights_candidates(),
+                          peaks[dtype_name])
+
+    name = args.name or ("quick" if args.quick else _default_name(device, machine))
+    os.makedirs(args.out, exist_ok=True)
+    goal_lines = report.goals(rows, device.type)
+    header = _header(machine, peaks, args)
+    table = report.markdown_table(rows)
+    with open(os.path.join(args.out, name + ".md"), "w") as markdown:
+        markdown.write(f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"
+                       + "\n".join(goal_lines) + "\n")
+    with open(os.path.join(args.out, name + ".json"), "w") as output:
+        json.dump({"machine": machine, "gemm_peak_tflops": peaks, "settings": vars(args),
+                   "rows": [{k: v for k, v in r.items() if k != "case"} for r in rows]},
+                  output, indent=1)
+    plotted = report.plot(rows, os.path.join(args.out, name + ".png"), header.replace("\n", " "))
+    print("\n" + header + "\n\n" + table + "\n\nGoals, as measured:\n" + "\n".join(goal_lines))
+    print(f"bench: wrote {os.path.join(args.out, name)}.json, .md"
+          + (", .png" if plotted else " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+def _weights_candidates() -> set:
+    return {"torchmha_weights", "torchmha_textbook", "torch_mha_weights", "chapter"}
+
+
+def _default_name(device: torch.device, machine: dict) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    return "cuda-" + machine["gpu"].lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def _header(machine: dict, peaks: dict, args) -> str:
+    where = machine.get("gpu") or machine["cpu"]
+    return (
+        f"Machine: {where}; {machine['threads']} CPU threads; torch {machine['torch']}; "
+        f"torchmha {machine['torchmha']} at {machine['commit']}; {machine['date']}.\n"
+        "Measured GEMM peak: "
+        + ", ".join(f"{d} {p * 1e3:.0f} GFLOP/s" if args.device == "cpu"
+                    else f"{d} {p:.0f} TFLOP/s" for d, p in peaks.items())
+        + f". Median of {args.rounds} rounds; x torch = torch.nn.MultiheadAttention's time "
+        "(its faster setting; its need_weights=True path for candidates that return weights) "
+        "divided by the candidate's; x chapter likewise for the chapter's module."
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Turns benchmark measurements into ratios, a Markdown table, the goals as measured, and a plot."""
+
+from typing import Dict, List, Optional
+
+TORCH_BEST = "torch_mha"
+TORCH_WEIGHTS = "torch_mha_weights"
+
+
+def forward_flops(batch: int, seq: int, embed: int) -> int:
+    """Self-attention forward: four (seq x embed x embed) projections and two (seq x seq x embed)
+    attention products per batch entry, two FLOPs per multiply-add."""
+    return 8 * batch * seq * embed * embed + 4 * batch * seq * seq * embed
+
+
+def add_ratios(rows: List[dict], weights_candidates: set, gemm_peak_tflops: float) -> None:
+    """Adds, per row: the ratio to torch.nn.MultiheadAttention (its faster setting, or its
+    need_weights=True path for candidates that return weights), to the chapter's module, and the
+    achieved fraction of the GEMM peak (training counts three forwards' FLOPs)."""
+    by_case: Dict[tuple, Dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["candidate"]] = row
+    for case in by_case.values():
+        torch_ms = [case[name]["median_ms"] for name in (TORCH_BEST, TORCH_WEIGHTS) if name in case]
+        for row in case.values():
+            if row["candidate"] in weights_candidates:
+                reference = case.get(TORCH_WEIGHTS, {}).get("median_ms")
+            else:
+                reference = min(torch_ms) if torch_ms else None
+            chapter = case.get("chapter", {}).get("median_ms")
+            row["x_torch"] = reference / row["median_ms"] if reference else None
+            row["x_chapter"] = chapter / row["median_ms"] if chapter else None
+            flops = forward_flops(row["batch"], row["seq"], row["embed"])
+            flops *= 3 if row["mode"] == "training" else 1
+            row["tflops"] = flops / row["median_ms"] / 1e9
+            row["fraction_of_gemm_peak"] = row["tflops"] / gemm_peak_tflops
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    lines = [
+        "| dtype | shape (B, L, E, H) | mode | candidate | median ms | x torch | x chapter "
+        "| % GEMM peak | peak MiB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        peak = row.get("peak_bytes")
+        lines.append(
+            f"| {row['dtype']} | {row['batch']}, {row['seq']}, {row['embed']}, {row['heads']} "
+            f"| {row['mode']} | {row['candidate']} | {row['median_ms']:.3f} "
+            f"| {_fmt(row.get('x_torch'), '.2f')} | {_fmt(row.get('x_chapter'), '.2f')} "
+            f"| {100 * row['fraction_of_gemm_peak']:.1f} "
+            f"| {_fmt(None if peak is None else peak / 2**20, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _find(rows, candidate, mode, shape, dtype):
+    for row in rows:
+        if (row["candidate"], row["mode"], row["shape"], row["dtype"]) == (
+            candidate, mode, shape, dtype
+        ):
+            return row
+    return None
+
+
+def goals(rows: List[dict], device: str) -> List[str]:
+    """The performance goals, each stated with what was measured (never asserted)."""
+    lines = []
+    cases = sorted({(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2]))
+
+    def ratio_line(title, candidate, mode, threshold, selected):
+        measured = []
+        for dtype, shape in selected:
+            row = _find(rows, candidate, mode, shape, dtype)
+            if row and row.get("x_torch") is not None:
+                measured.append(f"{dtype} {shape}: {row['x_torch']:.2f}x")
+        if not measured:
+            return
+        met = all(float(m.rsplit(" ", 1)[1][:-1]) >= threshold for m in measured)
+        lines.append(f"- {title} (goal >= {threshold}x): {'met' if met else 'NOT met'}; "
+                     + ", ".join(measured))
+
+    ratio_line("Inference vs torch.nn.MultiheadAttention", "torchmha", "inference", 1.0, cases)
+    if device == "cpu":
+        long_cases = [c for c in cases if c[1][1] >= 512]
+        ratio_line("Inference at seq >= 512", "torchmha", "inference", 1.5, long_cases)
+    ratio_line("Training step vs torch.nn.MultiheadAttention", "torchmha", "training", 1.15, cases)
+    for mode in ("inference", "training"):
+        ratio_line(f"need_weights=True, {mode}, vs PyTorch's need_weights=True", "torchmha_weights",
+                   mode, 1.3, cases)
+    largest = sorted({c[1] for c in cases}, key=lambda s: s[0] * s[1] * s[1] * s[2])[-2:]
+    for mode in ("inference", "training"):
+        measured = []
+        for dtype, shape in cases:
+            ours = _find(rows, "torchmha", mode, shape, dtype)
+            theirs = _find(rows, "libtorch_mha", mode, shape, dtype)
+            if shape in largest and ours and theirs:
+                measured.append((dtype, shape, theirs["median_ms"] / ours["median_ms"]))
+        if measured:
+            met = all(m[2] >= 3.0 for m in measured)
+            lines.append(
+                f"- vs LibTorch's torch::nn::MultiheadAttention, {mode}, two largest shapes "
+                f"(goal >= 3x): {'met' if met else 'NOT met'}; "
+                + ", ".join(f"{d} {s}: {r:.2f}x" for d, s, r in measured)
+            )
+    dtype, goal = ("bfloat16", 0.90) if device == "cuda" else ("float32", 0.65)
+    big = [c for c in cases if c[0] == dtype]
+    if big:
+        shape = max((c[1] for c in big), key=lambda s: s[0] * s[1] * s[1] * s[2])
+        row = _find(rows, "torchmha", "inference", shape, dtype)
+        if row:
+            fraction = row["fraction_of_gemm_peak"]
+            lines.append(
+                f"- {dtype} {shape} inference at >= {goal:.0%} of the measured GEMM peak: "
+                f"{'met' if fraction >= goal else 'NOT met'}; {fraction:.1%} "
+                f"({row['tflops'] * 1e3:.1f} GFLOP/s)"
+            )
+    smallest = min({c[1] for c in cases}, key=lambda s: s[0] * s[1] * s[1] * s[2])
+    for dtype, shape in cases:
+        cpp = _find(rows, "torchmha_cpp_loop", "inference", shape, dtype)
+        python = _find(rows, "torchmha", "inference", shape, dtype)
+        if shape == smallest and cpp and python:
+            lines.append(
+                f"- Pure C++ call at {dtype} {shape}, inference: {cpp['median_ms'] * 1e3:.1f} us "
+                f"vs {python['median_ms'] * 1e3:.1f} us from the Python module "
+                f"({'below' if cpp['median_ms'] < python['median_ms'] else 'NOT below'})"
+            )
+    return lines
+
+
+def plot(rows: List[dict], path: str, title: str) -> bool:
+    """Bar chart of each candidate's speed relative to torch.nn.MultiheadAttention; False when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(r["dtype"], r["mode"]) for r in rows})
+    figure, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for axis, (dtype, mode) in zip(axes[:, 0], panels):
+        selected = [r for r in rows if (r["dtype"], r["mode"]) == (dtype, mode)]
+        shapes = sorted({r["shape"] for r in selected}, key=lambda s: s[0] * s[1] * s[1] * s[2])
+        candidates = list(dict.fromkeys(r["candidate"] for r in selected))
+        width = 0.8 / len(candidates)
+        for i, candidate in enumerate(candidates):
+            values = []
+            for shape in shapes:
+                row = _find(selected, candidate, mode, shape, dtype)
+                values.append(row["x_torch"] if row and row.get("x_torch") else 0.0)
+            positions = [j + i * width for j in range(len(shapes))]
+            axis.bar(positions, values, width, label=candidate)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+        axis.set_xticklabels([str(s) for s in shapes])
+        axis.set_ylabel("speed vs torch.nn.MHA (x)")
+        axis.set_title(f"{dtype}, {mode}")
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    return True

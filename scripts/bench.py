@@ -44,18 +44,26 @@ CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtypes", help="comma-separated (default: float32 on CPU, "
-                        "bfloat16,float32 on CUDA)")
+    parser.add_argument(
+        "--dtypes", help="comma-separated (default: float32 on CPU, bfloat16,float32 on CUDA)"
+    )
     parser.add_argument("--shapes", nargs="*", help="B,L,E,H each (default: the device's four)")
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--candidates", help="comma-separated subset (default: all)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--target-ms", type=float, default=150.0,
-                        help="time each candidate runs back to back per round")
+    parser.add_argument(
+        "--target-ms",
+        type=float,
+        default=150.0,
+        help="time each candidate runs back to back per round",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shape, two rounds")
-    parser.add_argument("--cpp-bench", default=os.path.join(ROOT, "build", "torchmha_bench"),
-                        help="the C++ timing program (CMake target torchmha_bench)")
+    parser.add_argument(
+        "--cpp-bench",
+        default=os.path.join(ROOT, "build", "torchmha_bench"),
+        help="the C++ timing program (CMake target torchmha_bench)",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "bench", "results"))
     parser.add_argument("--name", help="file name stem (default: cpu or the GPU's name)")
     args = parser.parse_args()
@@ -76,8 +84,12 @@ def machine_description(device: torch.device) -> dict:
     }
     try:
         description["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            check=True).stdout.strip()
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         description["commit"] = "unknown"
     if device.type == "cuda":
@@ -110,8 +122,18 @@ def step_function(candidate, training: bool):
 
 def run_cpp(binary, state_path, input_path, heads, device, dtype, mode, threads, calls):
     """One round of the C++ candidates in a fresh process: {name: (ms, peak_bytes)}."""
-    command = [binary, state_path, input_path, str(heads), device.type, dtype, mode,
-               str(threads), "1", str(calls)]
+    command = [
+        binary,
+        state_path,
+        input_path,
+        str(heads),
+        device.type,
+        dtype,
+        mode,
+        str(threads),
+        "1",
+        str(calls),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -132,7 +154,8 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     x_cpu = torch.randn(batch, seq, embed)
     x = x_cpu.to(device, dtype).requires_grad_(training)
     candidates = {
-        name: c for name, c in peers.python_candidates(embed, heads, state, x).items()
+        name: c
+        for name, c in peers.python_candidates(embed, heads, state, x).items()
         if name in wanted
     }
     for candidate in candidates.values():
@@ -162,13 +185,24 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     order = list(steps)
     for round_index in range(args.rounds):
         # A different candidate goes first each round.
-        rotated = order[round_index % max(len(order), 1):] + order[:round_index % max(len(order), 1)]
+        rotated = (
+            order[round_index % max(len(order), 1) :] + order[: round_index % max(len(order), 1)]
+        )
         with grad_context():
             for name in rotated:
                 samples[name].append(timing.milliseconds_per_call(steps[name], device, calls[name]))
         if use_cpp:
-            measured = run_cpp(args.cpp_bench, state_path, input_path, heads, device, dtype_name,
-                               mode, args.threads, cpp_calls)
+            measured = run_cpp(
+                args.cpp_bench,
+                state_path,
+                input_path,
+                heads,
+                device,
+                dtype_name,
+                mode,
+                args.threads,
+                cpp_calls,
+            )
             for name, (ms, peak) in measured.items():
                 samples[name].append(ms)
                 if round_index == 0:
@@ -178,12 +212,23 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     for name, values in samples.items():
         if name not in wanted or not values:
             continue
-        rows.append({
-            "dtype": dtype_name, "batch": batch, "seq": seq, "embed": embed, "heads": heads,
-            "shape": shape, "case": (dtype_name, shape, mode), "mode": mode, "candidate": name,
-            "description": peers.DESCRIPTIONS[name], "median_ms": timing.median(values),
-            "samples_ms": values, "peak_bytes": peaks.get(name),
-        })
+        rows.append(
+            {
+                "dtype": dtype_name,
+                "batch": batch,
+                "seq": seq,
+                "embed": embed,
+                "heads": heads,
+                "shape": shape,
+                "case": (dtype_name, shape, mode),
+                "mode": mode,
+                "candidate": name,
+                "description": peers.DESCRIPTIONS[name],
+                "median_ms": timing.median(values),
+                "samples_ms": values,
+                "peak_bytes": peaks.get(name),
+            }
+        )
     return rows
 
 
@@ -194,21 +239,29 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    dtypes = (args.dtypes or ("bfloat16,float32" if device.type == "cuda" else "float32")).split(",")
-    shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes
-              else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    dtypes = (args.dtypes or ("bfloat16,float32" if device.type == "cuda" else "float32")).split(
+        ","
+    )
+    shapes = (
+        [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        if args.shapes
+        else GPU_SHAPES
+        if device.type == "cuda"
+        else CPU_SHAPES
+    )
     wanted = set(args.candidates.split(",") if args.candidates else peers.DESCRIPTIONS)
     if not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
-        print(f"bench: {args.cpp_bench} not built; the C++ candidates are left out "
-              "(scripts/build.sh builds it)")
+        print(
+            f"bench: {args.cpp_bench} not built; the C++ candidates are left out "
+            "(scripts/build.sh builds it)"
+        )
 
     machine = machine_description(device)
     peaks = {}
     for dtype_name in dtypes:
         peaks[dtype_name] = timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
     print(json.dumps(machine))
-    print("GEMM peak (TFLOP/s): " + ", ".join(f"{d} {p:.3f}" for d, p in peaks.items()),
-          flush=True)
+    print("GEMM peak (TFLOP/s): " + ", ".join(f"{d} {p:.3f}" for d, p in peaks.items()), flush=True)
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -221,11 +274,13 @@ def main() -> int:
                     rows.extend(case_rows)
     # The peak again at the end; the better of the two is the machine's.
     for dtype_name in dtypes:
-        peaks[dtype_name] = max(peaks[dtype_name],
-                                timing.gemm_peak_tflops(device, getattr(torch, dtype_name)))
+        peaks[dtype_name] = max(
+            peaks[dtype_name], timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
+        )
     for dtype_name in dtypes:
-        report.add_ratios([r for r in rows if r["dtype"] == dtype_name], _weights_candidates(),
-                          peaks[dtype_name])
+        report.add_ratios(
+            [r for r in rows if r["dtype"] == dtype_name], _weights_candidates(), peaks[dtype_name]
+        )
 
     name = args.name or ("quick" if args.quick else _default_name(device, machine))
     os.makedirs(args.out, exist_ok=True)
@@ -233,16 +288,28 @@ def main() -> int:
     header = _header(machine, peaks, args)
     table = report.markdown_table(rows)
     with open(os.path.join(args.out, name + ".md"), "w") as markdown:
-        markdown.write(f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"
-                       + "\n".join(goal_lines) + "\n")
+        markdown.write(
+            f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"
+            + "\n".join(goal_lines)
+            + "\n"
+        )
     with open(os.path.join(args.out, name + ".json"), "w") as output:
-        json.dump({"machine": machine, "gemm_peak_tflops": peaks, "settings": vars(args),
-                   "rows": [{k: v for k, v in r.items() if k != "case"} for r in rows]},
-                  output, indent=1)
+        json.dump(
+            {
+                "machine": machine,
+                "gemm_peak_tflops": peaks,
+                "settings": vars(args),
+                "rows": [{k: v for k, v in r.items() if k != "case"} for r in rows],
+            },
+            output,
+            indent=1,
+        )
     plotted = report.plot(rows, os.path.join(args.out, name + ".png"), header.replace("\n", " "))
     print("\n" + header + "\n\n" + table + "\n\nGoals, as measured:\n" + "\n".join(goal_lines))
-    print(f"bench: wrote {os.path.join(args.out, name)}.json, .md"
-          + (", .png" if plotted else " (no plot: matplotlib is not installed)"))
+    print(
+        f"bench: wrote {os.path.join(args.out, name)}.json, .md"
+        + (", .png" if plotted else " (no plot: matplotlib is not installed)")
+    )
     return 0
 
 
@@ -262,8 +329,10 @@ def _header(machine: dict, peaks: dict, args) -> str:
         f"Machine: {where}; {machine['threads']} CPU threads; torch {machine['torch']}; "
         f"torchmha {machine['torchmha']} at {machine['commit']}; {machine['date']}.\n"
         "Measured GEMM peak: "
-        + ", ".join(f"{d} {p * 1e3:.0f} GFLOP/s" if args.device == "cpu"
-                    else f"{d} {p:.0f} TFLOP/s" for d, p in peaks.items())
+        + ", ".join(
+            f"{d} {p * 1e3:.0f} GFLOP/s" if args.device == "cpu" else f"{d} {p:.0f} TFLOP/s"
+            for d, p in peaks.items()
+        )
         + f". Median of {args.rounds} rounds; x torch = torch.nn.MultiheadAttention's time "
         "(its faster setting; its need_weights=True path for candidates that return weights) "
         "divided by the candidate's; x chapter likewise for the chapter's module."

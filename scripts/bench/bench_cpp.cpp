@@ -88,7 +88,8 @@ int main(int argc, char** argv) {
 
   torchmha::MultiHeadAttention ours(
       torchmha::MultiHeadAttentionOptions(embed_dim, num_heads).batch_first(true));
-  torch::nn::MultiheadAttention libtorch(torch::nn::MultiheadAttentionOptions(embed_dim, num_heads));
+  torch::nn::MultiheadAttention libtorch(
+      torch::nn::MultiheadAttentionOptions(embed_dim, num_heads));
   for (torch::nn::Module* module : {static_cast<torch::nn::Module*>(ours.get()),
                                     static_cast<torch::nn::Module*>(libtorch.get())}) {
     torchmha::load_state_dict(*module, argv[1]);

@@ -30,7 +30,7 @@ class Candidate:
 DESCRIPTIONS = {
     "torchmha": "torchmha.MultiHeadAttention, need_weights=False",
     "torchmha_weights": "torchmha.MultiHeadAttention, need_weights=True",
-    "torchmha_pybind": "torchmha.cpp.MultiHeadAttention (C++ module via pybind11), need_weights=False",
+    "torchmha_pybind": "torchmha.cpp.MultiHeadAttention (C++ via pybind11), need_weights=False",
     "torchmha_cpp_loop": "torchmha::MultiHeadAttention from a pure C++ loop, need_weights=false",
     "torchmha_textbook": "torchmha.TextbookMultiHeadAttention (the chapter's API on the op)",
     "torch_mha": "torch.nn.MultiheadAttention, need_weights=False",
@@ -79,11 +79,11 @@ def python_candidates(
         for c in (
             make("torchmha", False, lambda: ours(x, x, x, need_weights=False)[0], ours),
             make("torchmha_weights", True, lambda: ours(x, x, x)[0], ours),
-            make("torchmha_pybind", False, lambda: ours_cpp(x, x, x, need_weights=False)[0],
-                 ours_cpp),
+            make(
+                "torchmha_pybind", False, lambda: ours_cpp(x, x, x, need_weights=False)[0], ours_cpp
+            ),
             make("torchmha_textbook", True, lambda: textbook(x, x, x), textbook),
-            make("torch_mha", False, lambda: reference(x, x, x, need_weights=False)[0],
-                 reference),
+            make("torch_mha", False, lambda: reference(x, x, x, need_weights=False)[0], reference),
             make("torch_mha_weights", True, lambda: reference(x, x, x)[0], reference),
             make("chapter", True, lambda: chapter(x, x, x), chapter),
         )

@@ -60,7 +60,10 @@ def markdown_table(rows: List[dict]) -> str:
 def _find(rows, candidate, mode, shape, dtype):
     for row in rows:
         if (row["candidate"], row["mode"], row["shape"], row["dtype"]) == (
-            candidate, mode, shape, dtype
+            candidate,
+            mode,
+            shape,
+            dtype,
         ):
             return row
     return None
@@ -69,7 +72,9 @@ def _find(rows, candidate, mode, shape, dtype):
 def goals(rows: List[dict], device: str) -> List[str]:
     """The performance goals, each stated with what was measured (never asserted)."""
     lines = []
-    cases = sorted({(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2]))
+    cases = sorted(
+        {(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2])
+    )
 
     def ratio_line(title, candidate, mode, threshold, selected):
         measured = []
@@ -80,8 +85,10 @@ def goals(rows: List[dict], device: str) -> List[str]:
         if not measured:
             return
         met = all(float(m.rsplit(" ", 1)[1][:-1]) >= threshold for m in measured)
-        lines.append(f"- {title} (goal >= {threshold}x): {'met' if met else 'NOT met'}; "
-                     + ", ".join(measured))
+        lines.append(
+            f"- {title} (goal >= {threshold}x): {'met' if met else 'NOT met'}; "
+            + ", ".join(measured)
+        )
 
     ratio_line("Inference vs torch.nn.MultiheadAttention", "torchmha", "inference", 1.0, cases)
     if device == "cpu":
@@ -89,8 +96,13 @@ def goals(rows: List[dict], device: str) -> List[str]:
         ratio_line("Inference at seq >= 512", "torchmha", "inference", 1.5, long_cases)
     ratio_line("Training step vs torch.nn.MultiheadAttention", "torchmha", "training", 1.15, cases)
     for mode in ("inference", "training"):
-        ratio_line(f"need_weights=True, {mode}, vs PyTorch's need_weights=True", "torchmha_weights",
-                   mode, 1.3, cases)
+        ratio_line(
+            f"need_weights=True, {mode}, vs PyTorch's need_weights=True",
+            "torchmha_weights",
+            mode,
+            1.3,
+            cases,
+        )
     largest = sorted({c[1] for c in cases}, key=lambda s: s[0] * s[1] * s[1] * s[2])[-2:]
     for mode in ("inference", "training"):
         measured = []

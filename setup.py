@@ -9,6 +9,7 @@ ROOT = Path(__file__).parent
 LIBRARY_SOURCES = [
     "csrc/ops.cpp",
     "csrc/composite/argument_checks.cpp",
+    "csrc/composite/attention.cpp",
     "csrc/composite/masks.cpp",
     "csrc/composite/multi_head_attention.cpp",
     "csrc/module.cpp",

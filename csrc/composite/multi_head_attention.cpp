@@ -4,9 +4,9 @@
 #include <torch/library.h>
 
 #include <array>
-#include <cmath>
 
 #include "arguments.h"
+#include "attention.h"
 #include "masks.h"
 
 namespace torchmha::composite {
@@ -47,21 +47,22 @@ Heads project_packed(const Arguments& args, const at::Tensor& query, const at::T
   const c10::SymInt embed_dim = args.query.sym_size(-1);
   if (args.query.is_same(args.key) && args.key.is_same(args.value)) {
     // Self-attention: one GEMM produces q, k and v side by side.
+    // unbind, not three selects: its backward writes one gradient instead of three zero-filled.
     const auto packed =
         at::linear(query, weight, bias_chunk(args, 0, 3)).unflatten(-1, {3, num_heads, -1});
-    return {to_attention_layout(packed.select(-3, 0), batch_first),
-            to_attention_layout(packed.select(-3, 1), batch_first),
-            to_attention_layout(packed.select(-3, 2), batch_first)};
+    const auto qkv = packed.unbind(-3);
+    return {to_attention_layout(qkv[0], batch_first), to_attention_layout(qkv[1], batch_first),
+            to_attention_layout(qkv[2], batch_first)};
   }
   const auto q = at::linear(query, weight.narrow_symint(0, 0, embed_dim), bias_chunk(args, 0, 1));
   if (args.key.is_same(args.value)) {
     // Encoder-decoder attention: one GEMM produces k and v.
     const auto packed_kv =
         at::linear(key, weight.narrow_symint(0, embed_dim, 2 * embed_dim), bias_chunk(args, 1, 2))
-            .unflatten(-1, {2, num_heads, -1});
-    return {split_heads(q, num_heads, batch_first),
-            to_attention_layout(packed_kv.select(-3, 0), batch_first),
-            to_attention_layout(packed_kv.select(-3, 1), batch_first)};
+            .unflatten(-1, {2, num_heads, -1})
+            .unbind(-3);
+    return {split_heads(q, num_heads, batch_first), to_attention_layout(packed_kv[0], batch_first),
+            to_attention_layout(packed_kv[1], batch_first)};
   }
   const auto k =
       at::linear(key, weight.narrow_symint(0, embed_dim, embed_dim), bias_chunk(args, 1, 1));
@@ -162,35 +163,13 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   at::Tensor attended;
   at::Tensor weights;
   if (need_weights) {
-    const int64_t head_dim = heads.query.sym_size(-1).guard_int(__FILE__, __LINE__);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-    auto scores = at::matmul(heads.query * scale, heads.key.transpose(-2, -1));
-    if (mask) {
-      scores = scores + *mask;
-    }
-    // A row with every key masked gets zero probabilities, not NaN.
-    auto probabilities = at::_safe_softmax(scores, -1);
-    if (dropout > 0.0) {
-      probabilities = at::dropout(probabilities, dropout, /*train=*/true);
-    }
-    attended = at::matmul(probabilities, heads.value);
-    weights = average_attn_weights ? probabilities.mean(1) : probabilities;
+    std::tie(attended, weights) = attention_with_weights(heads.query, heads.key, heads.value,
+                                                         mask, dropout, average_attn_weights);
     if (!batched) {
       weights = weights.squeeze(0);
     }
   } else {
-    std::optional<at::Tensor> fully_masked_rows;
-    if (mask) {
-      // Rows with every key masked attend to nothing; a finite mask row keeps every backend
-      // NaN-free.
-      fully_masked_rows = mask->isneginf().all(-1, /*keepdim=*/true);
-      mask = mask->masked_fill(*fully_masked_rows, 0);
-    }
-    attended = at::scaled_dot_product_attention(heads.query, heads.key, heads.value, mask, dropout,
-                                                use_causal_hint);
-    if (fully_masked_rows) {
-      attended = attended.masked_fill(*fully_masked_rows, 0);
-    }
+    attended = fused_attention(heads.query, heads.key, heads.value, mask, dropout, use_causal_hint);
     weights = at::empty({0}, query.options());
   }
 

@@ -1,0 +1,29 @@
+#pragma once
+
+// Scaled dot-product attention over split heads, the two ways the op needs it: fused (no
+// probabilities kept) and with the attention weights returned.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torchmha::composite {
+
+// query (N, H, L, D), key (N, H, S, D), value (N, H, S, Dv); `mask` is additive (-inf where
+// attention is not allowed) and broadcastable to (N, H, L, S). A query row whose keys are all
+// masked attends to nothing: a zero output row, zero weights, finite gradients.
+
+// The attention output (N, H, L, Dv) through at::scaled_dot_product_attention.
+at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           std::optional<at::Tensor> mask, double dropout_p, bool is_causal);
+
+// The attention output and the attention probabilities, (N, H, L, S), or averaged over heads,
+// (N, L, S). With dropout, the returned weights are the dropped-out probabilities that made the
+// output, as in PyTorch.
+std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& query,
+                                                          const at::Tensor& key,
+                                                          const at::Tensor& value,
+                                                          std::optional<at::Tensor> mask,
+                                                          double dropout_p, bool average_heads);
+
+}  // namespace torchmha::composite

@@ -1,0 +1,83 @@
+"""``need_weights=True`` without autograd, where the CPU computes the scores in blocks of query rows.
+
+Without autograd the op computes ``need_weights=True`` on the CPU block by block (about 4 MiB of
+scores each), with in-place softmax. These shapes make several blocks per batch entry, including
+a short last one, and the result must equal ``torch.nn.MultiheadAttention`` in float64: outputs and
+weights, averaged and per head, with 2-D, 3-D and padding masks, and rows whose keys are all
+masked (zero weights and a zero attention output, where PyTorch gives NaN).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import torchmha
+
+F64 = torch.float64
+# 16 KiB of float64 scores per query row (2 heads x 1024 keys): 256 rows a block, 5 blocks.
+BATCH, TARGET_LEN, SOURCE_LEN, EMBED_DIM, NUM_HEADS = 2, 1100, 1024, 8, 2
+
+
+def modules(**kwargs):
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(EMBED_DIM, NUM_HEADS, batch_first=True, dtype=F64, **kwargs)
+    ours = torchmha.MultiHeadAttention(EMBED_DIM, NUM_HEADS, batch_first=True, dtype=F64, **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference.eval(), ours.eval()
+
+
+def masks(kind: str):
+    generator = torch.Generator().manual_seed(1)
+    if kind == "none":
+        return {}
+    if kind == "attn_2d":
+        return {"attn_mask": torch.rand(TARGET_LEN, SOURCE_LEN, generator=generator) < 0.3}
+    if kind == "attn_3d_float":
+        shape = (BATCH * NUM_HEADS, TARGET_LEN, SOURCE_LEN)
+        return {"attn_mask": torch.randn(shape, generator=generator, dtype=F64)}
+    padding = torch.rand(BATCH, SOURCE_LEN, generator=generator) < 0.5
+    return {"key_padding_mask": padding}
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("kind", ["none", "attn_2d", "attn_3d_float", "padding"])
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_blocked_weights_equal_pytorch(kind, average, grad_mode):
+    reference, ours = modules()
+    query = torch.randn(BATCH, TARGET_LEN, EMBED_DIM, dtype=F64)
+    memory = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)
+    given = masks(kind)
+    with grad_mode():
+        expected = reference(query, memory, memory, average_attn_weights=average, **given)
+        actual = ours(query, memory, memory, average_attn_weights=average, **given)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-10, atol=1e-12)
+
+
+def test_blocked_weights_self_attention_with_bias_kv():
+    """The packed self-attention projection, appended bias_k/bias_v and a zero key."""
+    reference, ours = modules(add_bias_kv=True, add_zero_attn=True)
+    x = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)
+    with torch.inference_mode():
+        expected = reference(x, x, x, average_attn_weights=False)
+        actual = ours(x, x, x, average_attn_weights=False)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_blocked_weights_fully_masked_rows_attend_to_nothing():
+    """Rows 3 and 700 (one in the first block, one later) of batch entry 1 see no key."""
+    reference, ours = modules()
+    query = torch.randn(BATCH, TARGET_LEN, EMBED_DIM, dtype=F64)
+    memory = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)
+    attn_mask = torch.zeros(BATCH * NUM_HEADS, TARGET_LEN, SOURCE_LEN, dtype=torch.bool)
+    attn_mask[NUM_HEADS : 2 * NUM_HEADS, [3, 700]] = True
+    with torch.inference_mode():
+        expected = reference(query, memory, memory, attn_mask=attn_mask)
+        output, weights = ours(query, memory, memory, attn_mask=attn_mask)
+    masked = torch.zeros(BATCH, TARGET_LEN, dtype=torch.bool)
+    masked[1, [3, 700]] = True
+    assert expected[1][masked].isnan().all(), "PyTorch's weights for these rows are NaN"
+    assert (weights[masked] == 0).all()
+    torch.testing.assert_close(output[masked], ours.out_proj.bias.expand(2, -1).detach())
+    torch.testing.assert_close(output[~masked], expected[0][~masked], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weights[~masked], expected[1][~masked], rtol=1e-10, atol=1e-12)

@@ -39,6 +39,8 @@ CPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 512, 512, 8), (2, 2048, 10
 GPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 1024, 1024, 16), (4, 4096, 2048, 16)]
 QUICK_SHAPES = [(2, 8, 32, 4)]
 CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
+# glibc: serve every allocation above 64 KiB by its own mapping, returned on free.
+MEMORY_PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", default=os.path.join(HERE, "bench", "results"))
     parser.add_argument("--name", help="file name stem (default: cpu or the GPU's name)")
+    parser.add_argument("--memory-probe", metavar="DTYPE,B,L,E,H,MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.shapes = args.shapes or [",".join(map(str, s)) for s in QUICK_SHAPES]
@@ -120,21 +123,23 @@ def step_function(candidate, training: bool):
     return step
 
 
-def run_cpp(binary, state_path, input_path, heads, device, dtype, mode, threads, calls):
+def probe_cpu_memory(dtype_name, shape, mode, wanted):
+    """Peak memory of one call of each Python candidate, from a fresh process in which every
+    allocation above 64 KiB is its own mapping, so the resident set follows what is allocated."""
+    probe = ",".join([dtype_name, *map(str, shape), mode])
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", probe]
+    command += ["--candidates", ",".join(wanted), "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, env=MEMORY_PROBE_ENV)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def run_cpp(binary, state_path, input_path, heads, device, dtype, mode, threads, calls, env=None):
     """One round of the C++ candidates in a fresh process: {name: (ms, peak_bytes)}."""
-    command = [
-        binary,
-        state_path,
-        input_path,
-        str(heads),
-        device.type,
-        dtype,
-        mode,
-        str(threads),
-        "1",
-        str(calls),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    command = [binary, state_path, input_path, str(heads), device.type, dtype, mode]
+    command += [str(threads), "1", str(calls)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     measured = {}
@@ -169,8 +174,14 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     with grad_context():
         for name, step in steps.items():
             step()  # warm-up
-            peaks[name] = timing.peak_memory_bytes(step, device)
+            if device.type == "cuda":
+                peaks[name] = timing.peak_memory_bytes(step, device)
             calls[name] = timing.calls_for(step, device, args.target_ms)
+    if args.memory_probe:
+        with grad_context():
+            return {name: timing.peak_memory_bytes(step, device) for name, step in steps.items()}
+    if device.type == "cpu":
+        peaks.update(probe_cpu_memory(dtype_name, shape, mode, wanted))
 
     use_cpp = any(name in wanted for name in CPP_CANDIDATES) and os.path.exists(args.cpp_bench)
     if use_cpp:
@@ -181,6 +192,20 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
         cpp_calls = calls.get("torchmha", max(calls.values(), default=1))
         for name in CPP_CANDIDATES:
             samples[name] = []
+        if device.type == "cpu":
+            measured = run_cpp(
+                args.cpp_bench,
+                state_path,
+                input_path,
+                heads,
+                device,
+                dtype_name,
+                mode,
+                args.threads,
+                1,
+                env=MEMORY_PROBE_ENV,
+            )
+            peaks.update({name: peak for name, (_, peak) in measured.items()})
 
     order = list(steps)
     for round_index in range(args.rounds):
@@ -203,10 +228,8 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
                 args.threads,
                 cpp_calls,
             )
-            for name, (ms, peak) in measured.items():
+            for name, (ms, _) in measured.items():
                 samples[name].append(ms)
-                if round_index == 0:
-                    peaks[name] = peak
 
     rows = []
     for name, values in samples.items():
@@ -236,6 +259,16 @@ def main() -> int:
     args = parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        dtype_name, *sizes, mode = args.memory_probe.split(",")
+        wanted = set(args.candidates.split(",")) - set(CPP_CANDIDATES)
+        args.target_ms = 1.0
+        with tempfile.TemporaryDirectory() as workdir:
+            peaks = bench_case(
+                args, device, dtype_name, tuple(map(int, sizes)), mode, wanted, workdir
+            )
+        print(json.dumps(peaks))
+        return 0
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2

@@ -68,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", default=os.path.join(HERE, "bench", "results"))
     parser.add_argument("--name", help="file name stem (default: cpu or the GPU's name)")
+    parser.add_argument("--plot-from", metavar="JSON", help="only draw the plot of a results file")
     parser.add_argument("--memory-probe", metavar="DTYPE,B,L,E,H,MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -135,17 +136,17 @@ def probe_cpu_memory(dtype_name, shape, mode, wanted):
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def run_cpp(binary, state_path, input_path, heads, device, dtype, mode, threads, calls, env=None):
-    """One round of the C++ candidates in a fresh process: {name: (ms, peak_bytes)}."""
-    command = [binary, state_path, input_path, str(heads), device.type, dtype, mode]
-    command += [str(threads), "1", str(calls)]
+def run_cpp(binary, case_files, heads, device, dtype, mode, threads, rounds, calls, env=None):
+    """The C++ candidates in a fresh process: {name: ([ms per round], peak_bytes)}."""
+    command = [binary, *case_files, str(heads), device.type, dtype, mode]
+    command += [str(threads), str(rounds), str(calls)]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     measured = {}
     for line in result.stdout.splitlines():
         entry = json.loads(line)
-        measured[entry["candidate"]] = (entry["ms"][0], entry["peak_bytes"])
+        measured[entry["candidate"]] = (entry["ms"], entry["peak_bytes"])
     return measured
 
 
@@ -192,19 +193,10 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
         cpp_calls = calls.get("torchmha", max(calls.values(), default=1))
         for name in CPP_CANDIDATES:
             samples[name] = []
+        case_files = (state_path, input_path)
+        cpp_args = (args.cpp_bench, case_files, heads, device, dtype_name, mode, args.threads)
         if device.type == "cpu":
-            measured = run_cpp(
-                args.cpp_bench,
-                state_path,
-                input_path,
-                heads,
-                device,
-                dtype_name,
-                mode,
-                args.threads,
-                1,
-                env=MEMORY_PROBE_ENV,
-            )
+            measured = run_cpp(*cpp_args, 1, 1, env=MEMORY_PROBE_ENV)
             peaks.update({name: peak for name, (_, peak) in measured.items()})
 
     order = list(steps)
@@ -216,20 +208,13 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
         with grad_context():
             for name in rotated:
                 samples[name].append(timing.milliseconds_per_call(steps[name], device, calls[name]))
-        if use_cpp:
-            measured = run_cpp(
-                args.cpp_bench,
-                state_path,
-                input_path,
-                heads,
-                device,
-                dtype_name,
-                mode,
-                args.threads,
-                cpp_calls,
-            )
-            for name, (ms, _) in measured.items():
-                samples[name].append(ms)
+        if use_cpp and device.type == "cpu":
+            # On the CPU a fresh process every round, so it shares the round's machine load.
+            for name, (ms, _) in run_cpp(*cpp_args, 1, cpp_calls).items():
+                samples[name].extend(ms)
+    if use_cpp and device.type == "cuda":
+        for name, (ms, _) in run_cpp(*cpp_args, args.rounds, cpp_calls).items():
+            samples[name].extend(ms)
 
     rows = []
     for name, values in samples.items():
@@ -257,6 +242,8 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
 
 def main() -> int:
     args = parse_args()
+    if args.plot_from:
+        return replot(args.plot_from)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
@@ -343,6 +330,21 @@ def main() -> int:
         f"bench: wrote {os.path.join(args.out, name)}.json, .md"
         + (", .png" if plotted else " (no plot: matplotlib is not installed)")
     )
+    return 0
+
+
+def replot(results_path: str) -> int:
+    """Draws <results>.png from <results>.json (for results measured where matplotlib is absent)."""
+    with open(results_path) as results:
+        saved = json.load(results)
+    rows = [{**row, "shape": tuple(row["shape"])} for row in saved["rows"]]
+    machine = saved["machine"]
+    title = f"{machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {machine['commit']}"
+    path = os.path.splitext(results_path)[0] + ".png"
+    if not report.plot(rows, path, title):
+        print("bench: matplotlib is not installed (scripts/bench.sh installs it)", file=sys.stderr)
+        return 1
+    print(f"bench: wrote {path}")
     return 0
 
 

@@ -56,9 +56,11 @@ at::Tensor block_of(const at::Tensor& tensor, int64_t n, int64_t start, int64_t 
 
 // Inference on the CPU: scores in blocks of query rows per batch entry, each block's softmax
 // done in place and its share of the output and weights written straight to their place.
-std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const RowFix& fix,
-    bool average_heads) {
+std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(const at::Tensor& query,
+                                                                  const at::Tensor& key,
+                                                                  const at::Tensor& value,
+                                                                  const RowFix& fix,
+                                                                  bool average_heads) {
   const int64_t batch = query.size(0);
   const int64_t heads = query.size(1);
   const int64_t target_len = query.size(2);
@@ -72,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(
   const auto scaled_query = query * softmax_scale(query);
   for (int64_t n = 0; n < batch; ++n) {
     const auto keys_t = key.select(0, n).transpose(-2, -1).contiguous();  // (H, D, S)
-    const auto values = value.select(0, n).contiguous();                    // (H, S, Dv)
+    const auto values = value.select(0, n).contiguous();                  // (H, S, Dv)
     for (int64_t start = 0; start < target_len; start += rows_per_block) {
       const int64_t length = std::min(rows_per_block, target_len - start);
       auto scores = at::matmul(scaled_query.select(0, n).narrow(1, start, length), keys_t);
@@ -97,8 +99,7 @@ std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(
 
 at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                 const RowFix& fix, double dropout_p, bool is_causal) {
-  auto output =
-      at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal);
+  auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal);
   return fix.fully_masked_rows ? output.masked_fill(*fix.fully_masked_rows, 0) : output;
 }
 
@@ -118,7 +119,11 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
   const bool concrete = is_concrete(query) && is_concrete(key) && is_concrete(value);
   const RowFix fix = fix_fully_masked_rows(std::move(mask));
 
-  if (!differentiable && concrete && dropout_p == 0.0 && query.device().is_cpu()) {
+  // Blocks pay off once the scores outgrow one block; below that they only add calls. (Sizes
+  // are read only when concrete.)
+  if (!differentiable && concrete && dropout_p == 0.0 && query.device().is_cpu() &&
+      query.size(0) * query.size(1) * query.size(2) * key.size(2) * query.element_size() >
+          kScoreBlockBytes) {
     return blocked_attention_with_weights(query, key, value, fix, average_heads);
   }
 

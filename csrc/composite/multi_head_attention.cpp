@@ -163,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   at::Tensor attended;
   at::Tensor weights;
   if (need_weights) {
-    std::tie(attended, weights) = attention_with_weights(heads.query, heads.key, heads.value,
-                                                         mask, dropout, average_attn_weights);
+    std::tie(attended, weights) = attention_with_weights(heads.query, heads.key, heads.value, mask,
+                                                         dropout, average_attn_weights);
     if (!batched) {
       weights = weights.squeeze(0);
     }

@@ -1,4 +1,4 @@
-"""``need_weights=True`` without autograd, where the CPU computes the scores in blocks of query rows.
+"""``need_weights=True`` without autograd: on the CPU, scores in blocks of query rows.
 
 Without autograd the op computes ``need_weights=True`` on the CPU block by block (about 4 MiB of
 scores each), with in-place softmax. These shapes make several blocks per batch entry, including

@@ -1,0 +1,69 @@
+"""The benchmark runs end to end (a tiny shape, two rounds) and reports every candidate.
+
+Timings are not judged here (speed is measured by ``scripts/bench.py``, never asserted); this
+keeps the script, its C++ timing loop and its report working.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CPP_BENCH = os.path.join(ROOT, "build", "torchmha_bench")
+PYTHON_CANDIDATES = {
+    "torchmha",
+    "torchmha_weights",
+    "torchmha_pybind",
+    "torchmha_textbook",
+    "torch_mha",
+    "torch_mha_weights",
+    "chapter",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick"]
+    command += ["--out", str(out), "--cpp-bench", CPP_BENCH]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "quick.json") as report:
+        return json.load(report), (out / "quick.md").read_text(), result.stdout
+
+
+def test_every_candidate_is_timed_in_both_modes(quick_run):
+    report, _, _ = quick_run
+    expected = PYTHON_CANDIDATES | (
+        {"torchmha_cpp_loop", "libtorch_mha"} if os.path.exists(CPP_BENCH) else set()
+    )
+    for mode in ("inference", "training"):
+        rows = [row for row in report["rows"] if row["mode"] == mode]
+        assert {row["candidate"] for row in rows} == expected
+        for row in rows:
+            assert len(row["samples_ms"]) == 2 and all(ms > 0 for ms in row["samples_ms"])
+            assert row["x_torch"] > 0 and row["fraction_of_gemm_peak"] > 0
+
+
+def test_ratios_use_the_right_torch_reference(quick_run):
+    report, _, _ = quick_run
+    rows = {(r["mode"], r["candidate"]): r for r in report["rows"]}
+    for mode in ("inference", "training"):
+        torch_best = min(
+            rows[mode, "torch_mha"]["median_ms"], rows[mode, "torch_mha_weights"]["median_ms"]
+        )
+        ours = rows[mode, "torchmha"]
+        assert ours["x_torch"] == pytest.approx(torch_best / ours["median_ms"])
+        weights = rows[mode, "torchmha_weights"]
+        expected = rows[mode, "torch_mha_weights"]["median_ms"] / weights["median_ms"]
+        assert weights["x_torch"] == pytest.approx(expected)
+
+
+def test_report_states_machine_and_goals(quick_run):
+    report, markdown, stdout = quick_run
+    assert report["machine"]["torch"] and report["gemm_peak_tflops"]["float32"] > 0
+    assert "Goals, as measured" in markdown and "Goals, as measured" in stdout
+    assert "Training step vs torch.nn.MultiheadAttention" in markdown

@@ -10,6 +10,7 @@ LIBRARY_SOURCES = [
     "csrc/ops.cpp",
     "csrc/composite/argument_checks.cpp",
     "csrc/composite/attention.cpp",
+    "csrc/composite/blocked_attention.cpp",
     "csrc/composite/masks.cpp",
     "csrc/composite/multi_head_attention.cpp",
     "csrc/module.cpp",

@@ -1,10 +1,12 @@
-"""``need_weights=True`` without autograd: on the CPU, scores in blocks of query rows.
+"""``need_weights=True`` on the CPU with large scores: computed in blocks of query rows.
 
-Without autograd the op computes ``need_weights=True`` on the CPU block by block (about 4 MiB of
-scores each), with in-place softmax. These shapes make several blocks per batch entry, including
-a short last one, and the result must equal ``torch.nn.MultiheadAttention`` in float64: outputs and
-weights, averaged and per head, with 2-D, 3-D and padding masks, and rows whose keys are all
-masked (zero weights and a zero attention output, where PyTorch gives NaN).
+When the scores outgrow one block (8 MiB), the op computes ``need_weights=True`` on the CPU block
+by block, with the softmax in place, and its backward recomputes each block. These shapes make
+several blocks per batch entry, including a short last one, and the result must equal
+``torch.nn.MultiheadAttention`` in float64: outputs and weights, averaged and per head, with 2-D,
+3-D and padding masks, rows whose keys are all masked (zero weights and a zero attention output,
+where PyTorch gives NaN), and the gradients of the inputs and every parameter.
+``test_blocked_gradcheck`` runs gradcheck and gradgradcheck with blocks shrunk to a few rows.
 """
 
 import pytest
@@ -14,7 +16,7 @@ from torch import nn
 import torchmha
 
 F64 = torch.float64
-# 16 KiB of float64 scores per query row (2 heads x 1024 keys): 256 rows a block, 5 blocks.
+# 16 KiB of float64 scores per query row (2 heads x 1024 keys): 512 rows a block, 3 blocks.
 BATCH, TARGET_LEN, SOURCE_LEN, EMBED_DIM, NUM_HEADS = 2, 1100, 1024, 8, 2
 
 
@@ -65,7 +67,7 @@ def test_blocked_weights_self_attention_with_bias_kv():
 
 
 def test_blocked_weights_fully_masked_rows_attend_to_nothing():
-    """Rows 3 and 700 (one in the first block, one later) of batch entry 1 see no key."""
+    """Rows 3 and 700 (in the first and the second block) of batch entry 1 see no key."""
     reference, ours = modules()
     query = torch.randn(BATCH, TARGET_LEN, EMBED_DIM, dtype=F64)
     memory = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)
@@ -81,3 +83,43 @@ def test_blocked_weights_fully_masked_rows_attend_to_nothing():
     torch.testing.assert_close(output[masked], ours.out_proj.bias.expand(2, -1).detach())
     torch.testing.assert_close(output[~masked], expected[0][~masked], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(weights[~masked], expected[1][~masked], rtol=1e-10, atol=1e-12)
+
+
+def parameter_grads(module):
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return {
+        "out_proj.weight" if name == "out_proj.weight" else name: g for name, g in grads.items()
+    }
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("loss_uses", ["output", "weights", "both"])
+@pytest.mark.parametrize("kind", ["none", "padding", "attn_3d_float"])
+def test_blocked_training_equals_pytorch(kind, loss_uses, average):
+    """Forward and backward (inputs and every parameter) through the blocked path."""
+    reference, ours = modules()
+    reference.train()
+    ours.train()
+    query = torch.randn(BATCH, TARGET_LEN, EMBED_DIM, dtype=F64)
+    memory = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)
+    given = masks(kind)
+    results = {}
+    for name, module in (("torch", reference), ("ours", ours)):
+        q = query.clone().requires_grad_(True)
+        m = memory.clone().requires_grad_(True)
+        output, weights = module(q, m, m, average_attn_weights=average, **given)
+        loss = torch.zeros((), dtype=F64)
+        if loss_uses in ("output", "both"):
+            loss = (
+                loss
+                + (output * torch.linspace(-1, 1, output.numel(), dtype=F64).view_as(output)).sum()
+            )
+        if loss_uses in ("weights", "both"):
+            loss = loss + (weights.pow(2) * 1e3).sum()
+        loss.backward()
+        results[name] = (output, weights, q.grad, m.grad, parameter_grads(module))
+    expected, actual = results["torch"], results["ours"]
+    for got, want in zip(actual[:4], expected[:4]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    for name, grad in expected[4].items():
+        torch.testing.assert_close(actual[4][name], grad, rtol=1e-9, atol=1e-11, msg=name)

@@ -1,0 +1,31 @@
+#pragma once
+
+// Attention with weights on the CPU, a block of query rows at a time, so the scores never exist
+// whole: each block's scores stay small enough for the allocator to reuse (no fresh pages to
+// fault in per call) and for the cache. Shapes as in attention.h.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torchmha::composite {
+
+struct MaskedRows {
+  std::optional<at::Tensor> mask;               // additive, finite wherever a row was all masked
+  std::optional<at::Tensor> fully_masked_rows;  // (.., L, 1), true where every key is masked
+};
+
+// True when the (N, H, L, S) scores outgrow one block (TORCHMHA_SCORE_BLOCK_BYTES, default
+// 8 MiB), the size from which blocks pay off.
+bool scores_outgrow_a_block(const at::Tensor& query, const at::Tensor& key);
+
+// The output (N, H, L, Dv) and weights ((N, L, S) averaged over heads, or (N, H, L, S)).
+// Differentiable in query, key and value (to any order: the backward is made of ATen ops and
+// recomputes each block's probabilities instead of keeping them); the mask must not need grad.
+std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(const at::Tensor& query,
+                                                                  const at::Tensor& key,
+                                                                  const at::Tensor& value,
+                                                                  const MaskedRows& masked,
+                                                                  bool average_heads);
+
+}  // namespace torchmha::composite

@@ -173,11 +173,17 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     calls = {}
     grad_context = torch.enable_grad if training else torch.inference_mode
     with grad_context():
-        for name, step in steps.items():
-            step()  # warm-up
-            if device.type == "cuda":
-                peaks[name] = timing.peak_memory_bytes(step, device)
-            calls[name] = timing.calls_for(step, device, args.target_ms)
+        for name, step in list(steps.items()):
+            try:
+                step()  # warm-up
+                if device.type == "cuda":
+                    peaks[name] = timing.peak_memory_bytes(step, device)
+                calls[name] = timing.calls_for(step, device, args.target_ms)
+            except RuntimeError as error:  # out of memory, say: report it, go on without it
+                print(f"bench: {name} left out of {dtype_name} {shape} {mode}: {error}"[:500])
+                del steps[name], samples[name]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     if args.memory_probe:
         with grad_context():
             return {name: timing.peak_memory_bytes(step, device) for name, step in steps.items()}
@@ -195,9 +201,13 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
             samples[name] = []
         case_files = (state_path, input_path)
         cpp_args = (args.cpp_bench, case_files, heads, device, dtype_name, mode, args.threads)
-        if device.type == "cpu":
-            measured = run_cpp(*cpp_args, 1, 1, env=MEMORY_PROBE_ENV)
-            peaks.update({name: peak for name, (_, peak) in measured.items()})
+        try:
+            if device.type == "cpu":
+                measured = run_cpp(*cpp_args, 1, 1, env=MEMORY_PROBE_ENV)
+                peaks.update({name: peak for name, (_, peak) in measured.items()})
+        except RuntimeError as error:
+            print(f"bench: the C++ candidates are left out of {shape} {mode}: {error}"[:1500])
+            use_cpp = False
 
     order = list(steps)
     for round_index in range(args.rounds):
@@ -213,8 +223,11 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
             for name, (ms, _) in run_cpp(*cpp_args, 1, cpp_calls).items():
                 samples[name].extend(ms)
     if use_cpp and device.type == "cuda":
-        for name, (ms, _) in run_cpp(*cpp_args, args.rounds, cpp_calls).items():
-            samples[name].extend(ms)
+        try:
+            for name, (ms, _) in run_cpp(*cpp_args, args.rounds, cpp_calls).items():
+                samples[name].extend(ms)
+        except RuntimeError as error:
+            print(f"bench: the C++ candidates are left out of {shape} {mode}: {error}"[:1500])
 
     rows = []
     for name, values in samples.items():

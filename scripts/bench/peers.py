@@ -16,6 +16,7 @@ import torchmha
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "python"))
 from textbook_reference import ChapterMultiHeadAttention  # noqa: E402  (the chapter's own code)
+from textbook_weights import pytorch_to_textbook  # noqa: E402
 
 
 @dataclass
@@ -40,17 +41,6 @@ DESCRIPTIONS = {
 }
 
 
-def textbook_state_dict(state: Dict[str, torch.Tensor], embed_dim: int) -> Dict[str, torch.Tensor]:
-    """``torch.nn.MultiheadAttention``'s weights under the chapter's parameter names."""
-    weights = state["in_proj_weight"].split(embed_dim)
-    biases = state["in_proj_bias"].split(embed_dim)
-    converted = {f"linear_layers.{i}.weight": weights[i] for i in range(3)}
-    converted.update({f"linear_layers.{i}.bias": biases[i] for i in range(3)})
-    converted["output_linear.weight"] = state["out_proj.weight"]
-    converted["output_linear.bias"] = state["out_proj.bias"]
-    return converted
-
-
 def python_candidates(
     embed_dim: int, num_heads: int, state: Dict[str, torch.Tensor], x: torch.Tensor
 ) -> Dict[str, Candidate]:
@@ -66,7 +56,7 @@ def python_candidates(
     ours.load_state_dict(state)
     ours_cpp.load_state_dict(state)
     ours_cpp.to(x.device, x.dtype)
-    chapter_state = textbook_state_dict(state, embed_dim)
+    chapter_state = pytorch_to_textbook(state)
     for module in (textbook, chapter):
         module.load_state_dict(chapter_state)
         module.to(x.device, x.dtype)

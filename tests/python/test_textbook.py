@@ -1,11 +1,12 @@
 """``torchmha.TextbookMultiHeadAttention`` against the chapter's published module."""
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import pytest
 import torch
 from conftest import assert_close, fresh_leaves, randomize_parameters
 from textbook_reference import ChapterMultiHeadAttention
+from textbook_weights import textbook_to_pytorch
 from torch import Tensor, nn
 
 import torchmha
@@ -44,16 +45,6 @@ def chapter_mask(kind: str, source_len: int) -> Optional[Tensor]:
     # (B, 1, 1, S) padding: each batch entry has its own valid length, at least 1.
     lengths = torch.randint(1, source_len + 1, (BATCH,))
     return (torch.arange(source_len) < lengths[:, None]).to(torch.int64)[:, None, None, :]
-
-
-def chapter_to_pytorch_state(chapter_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """The chapter's q/k/v/output linears as ``nn.MultiheadAttention``'s packed parameters."""
-    return {
-        "in_proj_weight": torch.cat([chapter_state[f"linear_layers.{i}.weight"] for i in range(3)]),
-        "in_proj_bias": torch.cat([chapter_state[f"linear_layers.{i}.bias"] for i in range(3)]),
-        "out_proj.weight": chapter_state["output_linear.weight"],
-        "out_proj.bias": chapter_state["output_linear.bias"],
-    }
 
 
 def test_state_dict_keys_and_shapes_equal_the_chapter() -> None:
@@ -150,7 +141,7 @@ def test_weights_convert_to_pytorch_multihead_attention(
     ``nn.MultiheadAttention(batch_first=True)`` the same output."""
     _, textbook = make_textbook_pair(dtype)
     pytorch = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True, dtype=dtype)
-    pytorch.load_state_dict(chapter_to_pytorch_state(textbook.state_dict()), strict=True)
+    pytorch.load_state_dict(textbook_to_pytorch(textbook.state_dict()), strict=True)
     inputs = chapter_inputs(kind, dtype)
     source_len = inputs[1].size(1)
     mask = chapter_mask("causal_bool", source_len) if causal else None

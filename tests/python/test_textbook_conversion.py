@@ -12,33 +12,13 @@ from typing import Dict, Optional, Tuple
 import pytest
 import torch
 from conftest import assert_close, randomize_parameters
+from textbook_weights import pytorch_to_textbook, textbook_to_pytorch
 from torch import Tensor, nn
 
 import torchmha
 
 HEADS, D_MODEL, BATCH, TARGET_LEN, SOURCE_LEN = 2, 8, 3, 4, 6
 F64 = torch.float64
-
-
-def textbook_to_pytorch(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """The chapter's names -> ``nn.MultiheadAttention``'s packed parameters."""
-    return {
-        "in_proj_weight": torch.cat([state[f"linear_layers.{i}.weight"] for i in range(3)]),
-        "in_proj_bias": torch.cat([state[f"linear_layers.{i}.bias"] for i in range(3)]),
-        "out_proj.weight": state["output_linear.weight"],
-        "out_proj.bias": state["output_linear.bias"],
-    }
-
-
-def pytorch_to_textbook(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """``nn.MultiheadAttention``'s packed parameters -> the chapter's names."""
-    weights = state["in_proj_weight"].chunk(3)
-    biases = state["in_proj_bias"].chunk(3)
-    converted = {f"linear_layers.{i}.weight": weights[i] for i in range(3)}
-    converted.update({f"linear_layers.{i}.bias": biases[i] for i in range(3)})
-    converted["output_linear.weight"] = state["out_proj.weight"]
-    converted["output_linear.bias"] = state["out_proj.bias"]
-    return converted
 
 
 def make_textbook(impl: str) -> nn.Module:

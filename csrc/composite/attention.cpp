@@ -35,11 +35,6 @@ bool is_concrete(const at::Tensor& tensor) {
          !at::functionalization::impl::isFunctionalTensor(tensor);
 }
 
-double softmax_scale(const at::Tensor& query) {
-  const int64_t head_dim = query.sym_size(-1).guard_int(__FILE__, __LINE__);
-  return 1.0 / std::sqrt(static_cast<double>(head_dim));
-}
-
 at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                 const MaskedRows& fix, double dropout_p, bool is_causal) {
   auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal);
@@ -47,6 +42,11 @@ at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor
 }
 
 }  // namespace
+
+double softmax_scale(const at::Tensor& query) {
+  const int64_t head_dim = query.sym_size(-1).guard_int(__FILE__, __LINE__);
+  return 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
 
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            std::optional<at::Tensor> mask, double dropout_p, bool is_causal) {

@@ -13,6 +13,9 @@ namespace torchmha::composite {
 // attention is not allowed) and broadcastable to (N, H, L, S). A query row whose keys are all
 // masked attends to nothing: a zero output row, zero weights, finite gradients.
 
+// 1 / sqrt(head_dim), the scores' scale.
+double softmax_scale(const at::Tensor& query);
+
 // The attention output (N, H, L, Dv) through at::scaled_dot_product_attention.
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            std::optional<at::Tensor> mask, double dropout_p, bool is_causal);

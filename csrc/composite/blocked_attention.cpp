@@ -1,10 +1,11 @@
 #include "blocked_attention.h"
 
+#include "attention.h"
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -22,10 +23,6 @@ int64_t score_block_bytes() {
     return configured ? std::max<int64_t>(1, std::stoll(configured)) : int64_t{8} << 20;
   }();
   return bytes;
-}
-
-double softmax_scale(const at::Tensor& query) {
-  return 1.0 / std::sqrt(static_cast<double>(query.size(-1)));
 }
 
 // Query rows per block: one block of (H, rows, S) scores fills about score_block_bytes().
@@ -141,9 +138,10 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
     const auto scaled_query = query * scale;
     std::vector<at::Tensor> grad_query, grad_key, grad_value;
     for (int64_t n = 0; n < query.size(0); ++n) {
-      const auto keys = key.select(0, n);  // (H, S, D)
+      // Contiguous once per batch entry, not copied again by every block's matmul.
+      const auto keys = key.select(0, n).contiguous();  // (H, S, D)
       const auto keys_t = keys.transpose(-2, -1);
-      const auto values_t = value.select(0, n).transpose(-2, -1);  // (H, Dv, S)
+      const auto values_t = value.select(0, n).contiguous().transpose(-2, -1);  // (H, Dv, S)
       std::vector<at::Tensor> grad_query_blocks;
       std::optional<at::Tensor> grad_keys, grad_values;
       for (int64_t start = 0; start < target_len; start += block_rows) {

@@ -48,6 +48,8 @@ def main(case: str) -> None:
     inputs = (query, memory, *weights)
     output, attn_weights = attention(*inputs)
     assert torch.isfinite(output).all() and torch.isfinite(attn_weights).all()
+    # The weights come straight from the blocked path's autograd Function.
+    assert "BlockedAttention" in attn_weights.grad_fn.name(), attn_weights.grad_fn.name()
     assert torch.autograd.gradcheck(attention, inputs)
     assert torch.autograd.gradgradcheck(attention, inputs)
     print("gradcheck and gradgradcheck passed")

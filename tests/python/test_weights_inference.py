@@ -111,6 +111,8 @@ def test_blocked_training_equals_pytorch(kind, loss_uses, average):
         q = query.clone().requires_grad_(True)
         m = memory.clone().requires_grad_(True)
         output, weights = module(q, m, m, average_attn_weights=average, **given)
+        if module is ours:
+            assert "BlockedAttention" in weights.grad_fn.name(), "the blocked path was not taken"
         loss = torch.zeros((), dtype=F64)
         if loss_uses in ("output", "both"):
             loss = (

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with CUDA and PyTorch already installed (no network needed):
 # builds the extension from source against that PyTorch, runs every Python test (the CUDA ones
-# included), builds the C++ timing loop and runs the GPU benchmark (scripts/bench.py --device
-# cuda), and writes the machine description, logs and results under $OUT.
+# included), builds the C++ timing loop (in the background, meanwhile) and runs the GPU
+# benchmark (scripts/bench.py --device cuda).
 #
 # Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench]   (both when none is named)
+# Writes at most eight files under $OUT: summary.txt (machine, pass count, goals), build.log,
+# cmake.log, pytest.log, bench.log and bench/cuda-<card>.{json,md,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/gpu-check}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+cores=$(nproc)
+export MAX_JOBS=${MAX_JOBS:-$cores} PYTHONUNBUFFERED=1
+summary=$OUT/summary.txt
+steps=${*:-tests bench}
+status=0
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -18,44 +24,53 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
     "device", torch.cuda.get_device_name())'
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$summary"
+
+if [[ $steps == *bench* ]]; then
+  # Compiles while the extension builds and the tests run; waited for before the benchmark.
+  torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  (cmake -S . -B build-gpu -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
+    -DTORCHMHA_BUILD_TESTS=OFF -DTORCHMHA_BUILD_EXAMPLES=OFF &&
+    cmake --build build-gpu --target torchmha_bench) >"$OUT/cmake.log" 2>&1 &
+  cmake_pid=$!
+fi
 
 echo "gpu_check: building the extension (pip install --no-build-isolation -e .)"
 if ! "$PYTHON" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
-  echo "gpu_check: FAILED to build" | tee -a "$OUT/summary.txt"
+  echo "gpu_check: FAILED to build" | tee -a "$summary"
   exit 1
 fi
 
-steps=${*:-tests bench}
-status=0
-
 if [[ $steps == *tests* ]]; then
-  echo "gpu_check: pytest"
-  "$PYTHON" -m pytest tests/python -q -rs --junitxml "$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
+  parallel=()
+  # Test files spread over processes (two threads each) where pytest-xdist is installed.
+  if "$PYTHON" -c 'import xdist' 2>/dev/null; then
+    parallel=(-n "$((cores / 2 > 1 ? cores / 2 : 1))" --dist loadfile)
+  fi
+  echo "gpu_check: pytest ${parallel[*]}"
+  OMP_NUM_THREADS=2 timeout "${TEST_TIMEOUT_S:-300}" "$PYTHON" -m pytest tests/python -q -rs \
+    "${parallel[@]}" -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
   status=${PIPESTATUS[0]}
-  tail -1 "$OUT/pytest.log" >>"$OUT/summary.txt"
+  ((status == 124)) && echo "gpu_check: pytest timed out" | tee -a "$OUT/pytest.log"
+  echo "pytest: $(tail -1 "$OUT/pytest.log")" >>"$summary"
 fi
 
 if [[ $steps == *bench* ]]; then
-  echo "gpu_check: building the C++ timing loop (CMake target torchmha_bench)"
-  torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-  if cmake -S . -B build-gpu -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
-      -DTORCHMHA_BUILD_TESTS=OFF -DTORCHMHA_BUILD_EXAMPLES=OFF >"$OUT/cmake.log" 2>&1 &&
-    cmake --build build-gpu --target torchmha_bench >>"$OUT/cmake.log" 2>&1; then
-    cpp_bench=build-gpu/torchmha_bench
-  else
+  cpp_bench=build-gpu/torchmha_bench
+  if ! wait "$cmake_pid"; then
     tail -20 "$OUT/cmake.log"
     echo "gpu_check: the C++ timing loop did not build; benchmarking without it" |
-      tee -a "$OUT/summary.txt"
+      tee -a "$summary"
     cpp_bench=/nonexistent
   fi
   echo "gpu_check: benchmark"
-  if "$PYTHON" scripts/bench.py --device cuda --rounds "${BENCH_ROUNDS:-3}" --target-ms 50 \
-      --cpp-bench "$cpp_bench" --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"; then
-    grep -A20 "^Goals, as measured" "$OUT/bench.log" >>"$OUT/summary.txt"
+  if timeout "${BENCH_TIMEOUT_S:-300}" "$PYTHON" scripts/bench.py --device cuda \
+      --rounds "${BENCH_ROUNDS:-3}" --target-ms 50 --cpp-bench "$cpp_bench" --out "$OUT/bench" \
+      2>&1 | tee "$OUT/bench.log"; then
+    grep -A20 "^Goals, as measured" "$OUT/bench.log" >>"$summary"
   else
-    echo "gpu_check: benchmark FAILED" | tee -a "$OUT/summary.txt"
+    echo "gpu_check: benchmark FAILED" | tee -a "$summary"
     status=1
   fi
 fi

@@ -35,8 +35,8 @@ if [[ $steps == *bench* ]]; then
   cmake_pid=$!
 fi
 
-echo "gpu_check: building the extension (pip install --no-build-isolation -e .)"
-if ! "$PYTHON" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+echo "gpu_check: building the extension (pip install --no-build-isolation .)"
+if ! "$PYTHON" -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   echo "gpu_check: FAILED to build" | tee -a "$summary"
   exit 1

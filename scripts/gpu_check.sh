@@ -14,6 +14,9 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 cores=$(nproc)
 export MAX_JOBS=${MAX_JOBS:-$cores} PYTHONUNBUFFERED=1
+# The system compiler, whose libstdc++ is the one loaded at run time: an extension built by a
+# newer g++ (a CXX pointing elsewhere) crashed in its inline iostream code against the older one.
+export CXX=${TORCHMHA_CXX:-c++}
 summary=$OUT/summary.txt
 steps=${*:-tests bench}
 status=0
@@ -21,6 +24,7 @@ status=0
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
   git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  "$CXX" --version | head -1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
     "device", torch.cuda.get_device_name())'
@@ -40,6 +44,16 @@ if ! "$PYTHON" -m pip install --no-build-isolation --no-deps . >"$OUT/build.log"
   tail -40 "$OUT/build.log"
   echo "gpu_check: FAILED to build" | tee -a "$summary"
   exit 1
+fi
+
+# A crash here (not an exception) is a build problem; its native stack goes to build.log.
+smoke='import torchmha; print(repr(torchmha.cpp.MultiHeadAttention(8, 2)))'
+if ! (cd /tmp && "$PYTHON" -c "$smoke") >>"$OUT/build.log" 2>&1; then
+  echo "gpu_check: the installed extension crashed on its smoke test" | tee -a "$summary"
+  if command -v cuda-gdb >/dev/null; then
+    (cd /tmp && timeout 120 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -c "$smoke") 2>&1 |
+      grep -v "Thread" | head -60 >>"$OUT/build.log"
+  fi
 fi
 
 if [[ $steps == *tests* ]]; then

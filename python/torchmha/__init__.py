@@ -4,7 +4,9 @@ Importing this package loads the C++ extension, which registers
 ``torch.ops.torchmha.multi_head_attention``.
 """
 
-from torchmha import (
+import torch  # noqa: F401  (loads libtorch and libc10, which the extension links against)
+
+from torchmha import (  # noqa: E402
     _C,  # noqa: F401  (registers the op)
     cpp,
 )

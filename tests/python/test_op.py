@@ -1,5 +1,7 @@
 """The op ``torch.ops.torchmha.multi_head_attention`` and its typed wrapper, called directly."""
 
+import subprocess
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import pytest
@@ -67,6 +69,16 @@ def call_packed(
         weights["out_proj_bias"],
         **kwargs,
     )
+
+
+def test_import_torchmha_first_works() -> None:
+    """``import torchmha`` in a fresh interpreter, before torch, loads the extension and the op."""
+    program = "import torchmha, torch; print(torch.ops.torchmha.multi_head_attention.default)"
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torchmha.multi_head_attention.default" in result.stdout
 
 
 def test_op_is_registered_with_its_schema() -> None:

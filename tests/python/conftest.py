@@ -162,6 +162,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "fixtur
 # The two torchmha modules that stand in for torch.nn.MultiheadAttention.
 IMPLS = ["python", "cpp"]
 
+# Tests parametrized by device also run on CUDA where a GPU is present (skipped, and said so,
+# where not).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
 # Low precision is judged against PyTorch in the same dtype (as in test_cuda.py): torchmha's
 # error to a float64 result may be at most twice PyTorch's own, plus this floor for when
 # PyTorch's error happens to be tiny (about one unit in the last place at magnitude 1-10).
@@ -181,7 +190,9 @@ def make_impl_pair(
         return make_mha_pair(embed_dim, num_heads, dtype, **kwargs)
     reference = nn.MultiheadAttention(embed_dim, num_heads, dtype=dtype, **kwargs)
     randomize_parameters(reference)
-    candidate = torchmha.cpp.MultiHeadAttention(embed_dim, num_heads, **kwargs).to(dtype)
+    candidate = torchmha.cpp.MultiHeadAttention(embed_dim, num_heads, **kwargs)
+    # Made by C++ on the CPU; moved to the reference's device (the default device's).
+    candidate = candidate.to(device=reference.out_proj.weight.device, dtype=dtype)
     candidate.load_state_dict(reference.state_dict(), strict=True)
     return reference, candidate
 

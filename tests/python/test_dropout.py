@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    DEVICES,
     IMPLS,
     assert_close,
     forward_backward,
@@ -79,9 +80,12 @@ def eval_probabilities(candidate: nn.Module, inputs: Tuple[Tensor, ...]) -> Tens
     return probabilities
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
-def test_training_drops_probabilities_at_rate_p_and_rescales(impl: str, p: float) -> None:
+def test_training_drops_probabilities_at_rate_p_and_rescales(
+    impl: str, p: float, device: str
+) -> None:
     """The per-head weights returned in training are the eval probabilities, each either zero
     (with probability p) or scaled by 1/(1-p).
 
@@ -90,6 +94,12 @@ def test_training_drops_probabilities_at_rate_p_and_rescales(impl: str, p: float
     about 6e-7 for a correct implementation; the seed is fixed anyway). n = 4*4*16*16 = 4096,
     so at p = 0.5 the zero fraction must lie in 0.5 +- 0.039.
     """
+    with torch.device(device):
+        check_drop_rate(impl, p)
+
+
+def check_drop_rate(impl: str, p: float) -> None:
+    """The body of the test above, on the default device."""
     embed_dim, heads = 16, 4
     reference, candidate = make_impl_pair(impl, embed_dim, heads, F64, dropout=p)
     inputs = (torch.randn(16, 4, embed_dim, dtype=F64),) * 3
@@ -155,21 +165,23 @@ def test_dropout_one_drops_every_probability_as_pytorch_does(impl: str, need_wei
         assert weights.shape == expected_weights.shape
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_same_seed_is_bitwise_reproducible_and_another_seed_differs(
-    impl: str, need_weights: bool
+    impl: str, need_weights: bool, device: str
 ) -> None:
     """``torch.manual_seed`` fixes the dropout draws; a different seed changes them."""
-    _, candidate = make_impl_pair(impl, EMBED_DIM, NUM_HEADS, F64, dropout=0.5)
-    inputs = cross_inputs()
     results = []
-    for seed in (7, 7, 8):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            results.append(
-                candidate(*inputs, need_weights=need_weights, average_attn_weights=False)
-            )
+    with torch.device(device):
+        _, candidate = make_impl_pair(impl, EMBED_DIM, NUM_HEADS, F64, dropout=0.5)
+        inputs = cross_inputs()
+        for seed in (7, 7, 8):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                results.append(
+                    candidate(*inputs, need_weights=need_weights, average_attn_weights=False)
+                )
     (first, first_weights), (again, again_weights), (other, other_weights) = results
     assert torch.equal(first, again)
     assert not torch.equal(first, other)

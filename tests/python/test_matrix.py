@@ -22,7 +22,8 @@ fixed seeds and identical on every run:
 
 Each row runs on ``torchmha.MultiHeadAttention`` and on ``torchmha.cpp.MultiHeadAttention``;
 outputs, weights and the gradients of the inputs (through their views) and of every parameter must
-equal PyTorch's at the per-dtype tolerances of ``conftest.TOLERANCES``.
+equal PyTorch's at the per-dtype tolerances of ``conftest.TOLERANCES``. Where a GPU is present the
+same rows run again on CUDA (both modules and PyTorch's there); without one those are skipped.
 
 ``is_causal=True`` follows PyTorch's rule for the hint: with ``attn_mask`` given, both modules
 get the true causal mask in that mask's form (bool/float, 2-D/3-D); with no mask (PyTorch raises)
@@ -221,7 +222,9 @@ def make_modules(row: Row, impl: str) -> Tuple[nn.MultiheadAttention, nn.Module]
             embed_dim, num_heads, dtype=dtype, **options
         )
     else:
-        candidate = torchmha.cpp.MultiHeadAttention(embed_dim, num_heads, **options).to(dtype)
+        # Made by C++ on the CPU; moved to where the reference is (CUDA in the CUDA tests).
+        candidate = torchmha.cpp.MultiHeadAttention(embed_dim, num_heads, **options)
+        candidate = candidate.to(device=reference.out_proj.weight.device, dtype=dtype)
     candidate.load_state_dict(reference.state_dict(), strict=True)
     return reference, candidate
 
@@ -420,6 +423,16 @@ def test_design_covers_every_pair() -> None:
 def test_design_row_matches_pytorch(row: Row, impl: str) -> None:
     """A row of the pairwise design: outputs, weights and all gradients equal PyTorch's."""
     check_row(row, impl)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+@pytest.mark.parametrize("row", design_params())
+def test_design_row_matches_pytorch_on_cuda(row: Row, impl: str) -> None:
+    """The same rows on CUDA: modules, inputs and masks are made there, PyTorch runs there too."""
+    with torch.device("cuda"):
+        check_row(row, impl)
 
 
 # A fixed, small configuration for the targeted tests below.

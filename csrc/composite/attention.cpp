@@ -6,6 +6,7 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <c10/core/GradMode.h>
 
+#include <array>
 #include <cmath>
 
 namespace torchmha::composite {
@@ -41,6 +42,24 @@ at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   return fix.fully_masked_rows ? output.masked_fill(*fix.fully_masked_rows, 0) : output;
 }
 
+// (N, H, L, D) x (N, H, S, D) -> (N, H, L, S) scores plus the mask, which baddbmm adds inside
+// the GEMM as PyTorch does: in low precision the sum is rounded once, not twice.
+at::Tensor masked_scores(const at::Tensor& scaled_query, const at::Tensor& key,
+                         const std::optional<at::Tensor>& mask) {
+  if (!mask) {
+    return at::matmul(scaled_query, key.transpose(-2, -1));
+  }
+  const auto sizes = scaled_query.sym_sizes();
+  const c10::SymInt batch_heads = sizes[0] * sizes[1];
+  const c10::SymInt source_len = key.sym_size(2);
+  const std::array<c10::SymInt, 4> score_sizes{sizes[0], sizes[1], sizes[2], source_len};
+  const auto scores = at::baddbmm(
+      mask->expand_symint(score_sizes).reshape_symint({batch_heads, sizes[2], source_len}),
+      scaled_query.reshape_symint({batch_heads, sizes[2], sizes[3]}),
+      key.reshape_symint({batch_heads, source_len, sizes[3]}).transpose(1, 2));
+  return scores.view_symint(score_sizes);
+}
+
 }  // namespace
 
 double softmax_scale(const at::Tensor& query) {
@@ -69,12 +88,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
     return blocked_attention_with_weights(query, key, value, fix, average_heads);
   }
 
-  auto scores = at::matmul(query * softmax_scale(query), key.transpose(-2, -1));
+  auto scores = masked_scores(query * softmax_scale(query), key, fix.mask);
   // Without autograd nothing keeps the scores, so each step may overwrite them.
   const bool in_place = !differentiable && concrete;
-  if (fix.mask) {
-    scores = in_place ? scores.add_(*fix.mask) : scores + *fix.mask;
-  }
   auto probabilities =
       in_place ? at::_softmax_out(scores, scores, -1, false) : at::softmax(scores, -1);
   if (fix.fully_masked_rows) {

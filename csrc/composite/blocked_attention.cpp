@@ -41,11 +41,11 @@ at::Tensor block_of(const at::Tensor& tensor, int64_t n, int64_t start, int64_t 
 at::Tensor block_probabilities(const at::Tensor& scaled_query_rows, const at::Tensor& keys_t,
                                const MaskedRows& masked, int64_t n, int64_t start, int64_t length,
                                bool in_place) {
-  auto scores = at::matmul(scaled_query_rows, keys_t);
-  if (masked.mask) {
-    const auto mask = block_of(*masked.mask, n, start, length);
-    scores = in_place ? scores.add_(mask) : scores + mask;
-  }
+  // The mask added inside the GEMM (as in attention.cpp): low precision rounds the sum once.
+  auto scores =
+      masked.mask
+          ? at::baddbmm(block_of(*masked.mask, n, start, length), scaled_query_rows, keys_t)
+          : at::matmul(scaled_query_rows, keys_t);
   auto probabilities =
       in_place ? at::_softmax_out(scores, scores, -1, /*half_to_float=*/false) : scores.softmax(-1);
   if (masked.fully_masked_rows) {

@@ -43,9 +43,8 @@ at::Tensor block_probabilities(const at::Tensor& scaled_query_rows, const at::Te
                                bool in_place) {
   // The mask added inside the GEMM (as in attention.cpp): low precision rounds the sum once.
   auto scores =
-      masked.mask
-          ? at::baddbmm(block_of(*masked.mask, n, start, length), scaled_query_rows, keys_t)
-          : at::matmul(scaled_query_rows, keys_t);
+      masked.mask ? at::baddbmm(block_of(*masked.mask, n, start, length), scaled_query_rows, keys_t)
+                  : at::matmul(scaled_query_rows, keys_t);
   auto probabilities =
       in_place ? at::_softmax_out(scores, scores, -1, /*half_to_float=*/false) : scores.softmax(-1);
   if (masked.fully_masked_rows) {

@@ -87,7 +87,8 @@ def machine_description(device: torch.device) -> dict:
         "cpu": _cpu_model(),
     }
     try:
-        description["commit"] = subprocess.run(
+        # A copy of the tree (a GPU machine's) may carry a stale .git: the caller then says which.
+        description["commit"] = os.environ.get("TORCHMHA_COMMIT") or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             cwd=ROOT,
             capture_output=True,

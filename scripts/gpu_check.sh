@@ -5,6 +5,7 @@
 # benchmark (scripts/bench.py --device cuda).
 #
 # Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench]   (both when none is named)
+# TORCHMHA_COMMIT=<commit> labels the results where the copy's .git is not the tree's.
 # Writes at most eight files under $OUT: summary.txt (machine, pass count, goals), build.log,
 # cmake.log, pytest.log, bench.log and bench/cuda-<card>.{json,md,png}.
 set -uo pipefail
@@ -23,7 +24,7 @@ status=0
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  echo "${TORCHMHA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "commit unknown")}"
   "$CXX" --version | head -1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,

@@ -88,13 +88,16 @@ def machine_description(device: torch.device) -> dict:
     }
     try:
         # A copy of the tree (a GPU machine's) may carry a stale .git: the caller then says which.
-        description["commit"] = os.environ.get("TORCHMHA_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        description["commit"] = (
+            os.environ.get("TORCHMHA_COMMIT")
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         description["commit"] = "unknown"
     if device.type == "cuda":

@@ -125,20 +125,9 @@ class MultiHeadAttention(AllOrNothingLoading):
         Returns ``(attn_output, attn_output_weights)``; the weights are ``None`` unless
         ``need_weights``, averaged over heads unless ``average_attn_weights=False``.
         """
-        if torch.jit.is_scripting():
-            weights = (
-                self.in_proj_weight,
-                self.in_proj_bias,
-                self.out_proj.weight,
-                self.out_proj.bias,
-                self.q_proj_weight,
-                self.k_proj_weight,
-                self.v_proj_weight,
-                self.bias_k,
-                self.bias_v,
-            )
-        else:
-            weights = self._weights()
+        weights = (
+            self._attribute_weights() if torch.jit.is_scripting() else self._registered_weights()
+        )
         return multi_head_attention(
             query,
             key,
@@ -164,22 +153,51 @@ class MultiHeadAttention(AllOrNothingLoading):
             batch_first=self.batch_first,
         )
 
+    def _attribute_weights(
+        self,
+    ) -> Tuple[
+        Optional[Tensor],
+        Optional[Tensor],
+        Tensor,
+        Optional[Tensor],
+        Optional[Tensor],
+        Optional[Tensor],
+        Optional[Tensor],
+        Optional[Tensor],
+        Optional[Tensor],
+    ]:
+        """The op's weight arguments, in its order, as attributes (what TorchScript compiles)."""
+        return (
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            self.q_proj_weight,
+            self.k_proj_weight,
+            self.v_proj_weight,
+            self.bias_k,
+            self.bias_v,
+        )
+
     @torch.jit.unused
-    def _weights(self) -> Tuple[Optional[Tensor], ...]:
+    def _registered_weights(self) -> Tuple[Optional[Tensor], ...]:
         # Straight from the registries: nn.Module.__getattr__ costs ~2 us a name, 15-20 us a call.
         own = self._parameters
         out_proj = self._modules["out_proj"]._parameters
-        return (
-            own["in_proj_weight"],
-            own["in_proj_bias"],
-            out_proj["weight"],
-            out_proj["bias"],
-            own["q_proj_weight"],
-            own["k_proj_weight"],
-            own["v_proj_weight"],
-            own.get("bias_k"),
-            own.get("bias_v"),
-        )
+        try:
+            return (
+                own["in_proj_weight"],
+                own["in_proj_bias"],
+                out_proj["weight"],
+                out_proj["bias"],
+                own["q_proj_weight"],
+                own["k_proj_weight"],
+                own["v_proj_weight"],
+                own.get("bias_k"),
+                own.get("bias_v"),
+            )
+        except KeyError:  # A weight pruned or parametrized lives elsewhere: ask the attributes.
+            return self._attribute_weights()
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,7 @@ from conftest import (
     sequence_first,
 )
 from torch import Tensor, nn
+from torch.nn.utils import parametrize, prune
 
 import torchmha
 
@@ -292,3 +293,34 @@ def test_fully_masked_query_row_is_zero_attention(mask_kind: str, need_weights: 
     output.sum().backward()
     for tensor in (query, key, value, *candidate.parameters()):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+
+
+@pytest.mark.parametrize("weight", ["in_proj_weight", "out_proj.weight"])
+def test_pruned_or_parametrized_weights_are_used(weight: str) -> None:
+    """A weight that pruning or a parametrization moved out of ``_parameters`` still reaches the
+    op (through the attribute), as it does in PyTorch's module."""
+    torch.manual_seed(0)
+    reference, candidate = make_mha_pair(8, 2, torch.float64)
+    owner_name, _, name = weight.rpartition(".")
+    mask = torch.rand_like(reference.get_parameter(weight)) < 0.5
+    for module in (reference, candidate):
+        owner = module.get_submodule(owner_name)
+        prune.custom_from_mask(owner, name, mask)
+        assert name not in owner._parameters  # Guards against a vacuous pass.
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    for module in (reference, candidate):
+        parametrize.register_parametrization(module.out_proj, "bias", ScaledBy(2.0))
+    expected, _ = reference(x, x, x)
+    actual, _ = candidate(x, x, x)
+    assert_close(actual, expected)
+
+
+class ScaledBy(nn.Module):
+    """A parametrization: the stored tensor times a constant."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, tensor: Tensor) -> Tensor:
+        return tensor * self.factor

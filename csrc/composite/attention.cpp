@@ -42,29 +42,21 @@ at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   return fix.fully_masked_rows ? output.masked_fill(*fix.fully_masked_rows, 0) : output;
 }
 
-// (N, H, L, D) x (N, H, S, D) -> (N, H, L, S) scores plus the mask, which baddbmm adds inside
-// the GEMM as PyTorch does: in low precision the sum is rounded once, not twice.
-at::Tensor masked_scores(const at::Tensor& scaled_query, const at::Tensor& key,
-                         const std::optional<at::Tensor>& mask) {
-  if (!mask) {
-    return at::matmul(scaled_query, key.transpose(-2, -1));
-  }
-  const auto sizes = scaled_query.sym_sizes();
-  const c10::SymInt batch_heads = sizes[0] * sizes[1];
-  const c10::SymInt source_len = key.sym_size(2);
-  const std::array<c10::SymInt, 4> score_sizes{sizes[0], sizes[1], sizes[2], source_len};
-  const auto scores = at::baddbmm(
-      mask->expand_symint(score_sizes).reshape_symint({batch_heads, sizes[2], source_len}),
-      scaled_query.reshape_symint({batch_heads, sizes[2], sizes[3]}),
-      key.reshape_symint({batch_heads, source_len, sizes[3]}).transpose(1, 2));
-  return scores.view_symint(score_sizes);
-}
-
 }  // namespace
 
 double softmax_scale(const at::Tensor& query) {
   const int64_t head_dim = query.sym_size(-1).guard_int(__FILE__, __LINE__);
   return 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+at::Tensor scaled_scores(const at::Tensor& query, const at::Tensor& key_t,
+                         const std::optional<at::Tensor>& mask, double scale) {
+  if (mask) {
+    return at::baddbmm(*mask, query, key_t, /*beta=*/1, /*alpha=*/scale);
+  }
+  // beta = 0: the GEMM never reads its addend, so an unfilled one-element tensor stands in.
+  return at::baddbmm(at::empty({1, 1, 1}, query.options()), query, key_t, /*beta=*/0,
+                     /*alpha=*/scale);
 }
 
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -88,7 +80,21 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
     return blocked_attention_with_weights(query, key, value, fix, average_heads);
   }
 
-  auto scores = masked_scores(query * softmax_scale(query), key, fix.mask);
+  // (N, H, ...) merged into one batch dimension for bmm: q, k and v are copied at most once each.
+  const auto sizes = query.sym_sizes();
+  const c10::SymInt batch_heads = sizes[0] * sizes[1];
+  const c10::SymInt source_len = key.sym_size(2);
+  const std::array<c10::SymInt, 4> score_sizes{sizes[0], sizes[1], sizes[2], source_len};
+  std::optional<at::Tensor> batched_mask;
+  if (fix.mask) {
+    batched_mask =
+        fix.mask->expand_symint(score_sizes).reshape_symint({batch_heads, sizes[2], source_len});
+  }
+  auto scores =
+      scaled_scores(query.reshape_symint({batch_heads, sizes[2], sizes[3]}),
+                    key.reshape_symint({batch_heads, source_len, sizes[3]}).transpose(1, 2),
+                    batched_mask, softmax_scale(query))
+          .view_symint(score_sizes);
   // Without autograd nothing keeps the scores, so each step may overwrite them.
   const bool in_place = !differentiable && concrete;
   auto probabilities =
@@ -101,7 +107,10 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
     probabilities = at::dropout(probabilities, dropout_p, /*train=*/true);
   }
   auto weights = average_heads ? probabilities.mean(1) : probabilities;
-  return {at::matmul(probabilities, value), weights};
+  const c10::SymInt value_dim = value.sym_size(3);
+  auto output = at::bmm(probabilities.reshape_symint({batch_heads, sizes[2], source_len}),
+                        value.reshape_symint({batch_heads, source_len, value_dim}));
+  return {output.view_symint({sizes[0], sizes[1], sizes[2], value_dim}), weights};
 }
 
 }  // namespace torchmha::composite

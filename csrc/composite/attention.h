@@ -16,6 +16,12 @@ namespace torchmha::composite {
 // 1 / sqrt(head_dim), the scores' scale.
 double softmax_scale(const at::Tensor& query);
 
+// scale * query key_t + mask for batched (B, L, D) x (B, D, S) operands, the scale and the mask
+// (broadcastable to (B, L, S)) applied inside one GEMM: no scaled copy of the query, and low
+// precision rounds the sum once, as PyTorch's baddbmm does.
+at::Tensor scaled_scores(const at::Tensor& query, const at::Tensor& key_t,
+                         const std::optional<at::Tensor>& mask, double scale);
+
 // The attention output (N, H, L, Dv) through at::scaled_dot_product_attention.
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            std::optional<at::Tensor> mask, double dropout_p, bool is_causal);

@@ -37,14 +37,14 @@ at::Tensor block_of(const at::Tensor& tensor, int64_t n, int64_t start, int64_t 
   return slice.size(1) == 1 ? slice : slice.narrow(1, start, length);
 }
 
-// softmax((q * scale) k^T + mask) of one block, (H, rows, S), zero on fully masked rows.
-at::Tensor block_probabilities(const at::Tensor& scaled_query_rows, const at::Tensor& keys_t,
+// softmax(scale * q k^T + mask) of one block, (H, rows, S), zero on fully masked rows.
+at::Tensor block_probabilities(const at::Tensor& query_rows, const at::Tensor& keys_t, double scale,
                                const MaskedRows& masked, int64_t n, int64_t start, int64_t length,
                                bool in_place) {
-  // The mask added inside the GEMM (as in attention.cpp): low precision rounds the sum once.
-  auto scores =
-      masked.mask ? at::baddbmm(block_of(*masked.mask, n, start, length), scaled_query_rows, keys_t)
-                  : at::matmul(scaled_query_rows, keys_t);
+  const auto mask = masked.mask
+                        ? std::optional<at::Tensor>(block_of(*masked.mask, n, start, length))
+                        : std::nullopt;
+  auto scores = scaled_scores(query_rows, keys_t, mask, scale);
   auto probabilities =
       in_place ? at::_softmax_out(scores, scores, -1, /*half_to_float=*/false) : scores.softmax(-1);
   if (masked.fully_masked_rows) {
@@ -55,7 +55,20 @@ at::Tensor block_probabilities(const at::Tensor& scaled_query_rows, const at::Te
   return probabilities;
 }
 
+// Writes the head mean of a block's (H, rows, S) probabilities into its (rows, S) weight rows.
+void average_heads_into(at::Tensor weight_rows, const at::Tensor& probabilities,
+                        const at::Tensor& head_weights) {
+  if (head_weights.defined()) {
+    // One (1, H) x (H, rows * S) GEMM reads the probabilities once and writes the mean in place.
+    auto flat_rows = weight_rows.view({1, -1});
+    at::mm_out(flat_rows, head_weights, probabilities.view({head_weights.size(1), -1}));
+  } else {
+    at::mean_out(weight_rows, probabilities, {0});
+  }
+}
+
 // The forward, without autograd: each block's output and weights written straight into place.
+// The output is laid out (N, L, H, Dv), so that the batch-first head merge is a view.
 std::tuple<at::Tensor, at::Tensor> forward_blocks(const at::Tensor& query, const at::Tensor& key,
                                                   const at::Tensor& value, const MaskedRows& masked,
                                                   bool average_heads) {
@@ -64,28 +77,36 @@ std::tuple<at::Tensor, at::Tensor> forward_blocks(const at::Tensor& query, const
   const int64_t target_len = query.size(2);
   const int64_t source_len = key.size(2);
   const int64_t block_rows = rows_per_block(query, key);
-  auto output = at::empty({batch, heads, target_len, value.size(-1)}, query.options());
+  const double scale = softmax_scale(query);
+  auto output = at::empty({batch, target_len, heads, value.size(-1)}, query.options());
   auto weights = average_heads ? at::empty({batch, target_len, source_len}, query.options())
                                : at::empty({batch, heads, target_len, source_len}, query.options());
-  const auto scaled_query = query * softmax_scale(query);
+  // In float32 and float64 the head mean is a GEMM with 1/H weights; other dtypes keep mean's
+  // float accumulation.
+  const bool mean_by_gemm =
+      average_heads && (query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble);
+  const auto head_weights =
+      mean_by_gemm ? at::full({1, heads}, 1.0 / static_cast<double>(heads), query.options())
+                   : at::Tensor();
   for (int64_t n = 0; n < batch; ++n) {
     const auto keys_t = key.select(0, n).transpose(-2, -1).contiguous();  // (H, D, S)
     const auto values = value.select(0, n).contiguous();                  // (H, S, Dv)
     for (int64_t start = 0; start < target_len; start += block_rows) {
       const int64_t length = std::min(block_rows, target_len - start);
       const auto probabilities =
-          block_probabilities(scaled_query.select(0, n).narrow(1, start, length), keys_t, masked, n,
+          block_probabilities(query.select(0, n).narrow(1, start, length), keys_t, scale, masked, n,
                               start, length, /*in_place=*/true);
-      output.select(0, n).narrow(1, start, length).copy_(at::matmul(probabilities, values));
+      auto output_rows = output.select(0, n).narrow(0, start, length).transpose(0, 1);
+      at::bmm_out(output_rows, probabilities, values);
       if (average_heads) {
-        auto weight_rows = weights.select(0, n).narrow(0, start, length);
-        at::mean_out(weight_rows, probabilities, {0});
+        average_heads_into(weights.select(0, n).narrow(0, start, length), probabilities,
+                           head_weights);
       } else {
         weights.select(0, n).narrow(1, start, length).copy_(probabilities);
       }
     }
   }
-  return {output, weights};
+  return {output.permute({0, 2, 1, 3}), weights};
 }
 
 // Accumulates a (H, S, D) gradient: in place in a plain backward, out of place when the backward
@@ -134,7 +155,6 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
     const int64_t block_rows = rows_per_block(query, key);
     const bool in_place = !at::GradMode::is_enabled();
 
-    const auto scaled_query = query * scale;
     std::vector<at::Tensor> grad_query, grad_key, grad_value;
     for (int64_t n = 0; n < query.size(0); ++n) {
       // Contiguous once per batch entry, not copied again by every block's matmul.
@@ -145,9 +165,9 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
       std::optional<at::Tensor> grad_keys, grad_values;
       for (int64_t start = 0; start < target_len; start += block_rows) {
         const int64_t length = std::min(block_rows, target_len - start);
-        const auto query_rows = scaled_query.select(0, n).narrow(1, start, length);
+        const auto query_rows = query.select(0, n).narrow(1, start, length);
         const auto probabilities =
-            block_probabilities(query_rows, keys_t, masked, n, start, length, in_place);
+            block_probabilities(query_rows, keys_t, scale, masked, n, start, length, in_place);
         // d loss / d probabilities, from the output (P V) and from the returned weights.
         at::Tensor grad_probabilities;
         at::Tensor grad_output_rows;
@@ -164,14 +184,15 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
                                    ? grad_probabilities + rows
                                    : rows.expand_as(probabilities).contiguous();
         }
-        // Softmax backward: P * (dP - rowsum(P * dP)); fully masked rows have P = 0, so 0.
-        const auto row_dot = (probabilities * grad_probabilities).sum(-1, /*keepdim=*/true);
-        const auto grad_scores = probabilities * (grad_probabilities - row_dot);
+        // Softmax backward, P * (dP - rowsum(P * dP)), in one fused pass (differentiable, too);
+        // fully masked rows have P = 0, so 0.
+        const auto grad_scores = at::_softmax_backward_data(grad_probabilities, probabilities, -1,
+                                                            probabilities.scalar_type());
         grad_query_blocks.push_back(at::matmul(grad_scores, keys) * scale);
         accumulate(grad_keys, grad_scores.transpose(-2, -1), query_rows);
       }
       grad_query.push_back(at::cat(grad_query_blocks, 1));
-      grad_key.push_back(*grad_keys);
+      grad_key.push_back(*grad_keys * scale);
       grad_value.push_back(grad_values ? *grad_values : at::zeros_like(value.select(0, n)));
     }
     return {at::stack(grad_query), at::stack(grad_key), at::stack(grad_value), at::Tensor(),

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <vector>
 
 #include "arguments.h"
 #include "attention.h"
@@ -39,8 +40,16 @@ std::optional<at::Tensor> bias_chunk(const Arguments& args, int64_t start, int64
   return args.in_proj_bias->narrow_symint(0, start * embed_dim, chunks * embed_dim);
 }
 
+// (A, B, n, H, D) packed projections -> (n, N, H, L, D) contiguous, in one copy: the weights
+// path's batched GEMMs then read q, k and v without copying each again.
+std::vector<at::Tensor> contiguous_heads(const at::Tensor& packed, bool batch_first) {
+  return (batch_first ? packed.permute({2, 0, 3, 1, 4}) : packed.permute({2, 1, 3, 0, 4}))
+      .contiguous()
+      .unbind(0);
+}
+
 Heads project_packed(const Arguments& args, const at::Tensor& query, const at::Tensor& key,
-                     const at::Tensor& value) {
+                     const at::Tensor& value, bool head_major) {
   const bool batch_first = args.is_batch_first();
   const int64_t num_heads = args.num_heads;
   const auto& weight = *args.in_proj_weight;
@@ -50,6 +59,10 @@ Heads project_packed(const Arguments& args, const at::Tensor& query, const at::T
     // unbind, not three selects: its backward writes one gradient instead of three zero-filled.
     const auto packed =
         at::linear(query, weight, bias_chunk(args, 0, 3)).unflatten(-1, {3, num_heads, -1});
+    if (head_major) {
+      const auto qkv = contiguous_heads(packed, batch_first);
+      return {qkv[0], qkv[1], qkv[2]};
+    }
     const auto qkv = packed.unbind(-3);
     return {to_attention_layout(qkv[0], batch_first), to_attention_layout(qkv[1], batch_first),
             to_attention_layout(qkv[2], batch_first)};
@@ -57,12 +70,16 @@ Heads project_packed(const Arguments& args, const at::Tensor& query, const at::T
   const auto q = at::linear(query, weight.narrow_symint(0, 0, embed_dim), bias_chunk(args, 0, 1));
   if (args.key.is_same(args.value)) {
     // Encoder-decoder attention: one GEMM produces k and v.
-    const auto packed_kv =
+    const auto projected_kv =
         at::linear(key, weight.narrow_symint(0, embed_dim, 2 * embed_dim), bias_chunk(args, 1, 2))
-            .unflatten(-1, {2, num_heads, -1})
-            .unbind(-3);
-    return {split_heads(q, num_heads, batch_first), to_attention_layout(packed_kv[0], batch_first),
-            to_attention_layout(packed_kv[1], batch_first)};
+            .unflatten(-1, {2, num_heads, -1});
+    if (head_major) {
+      const auto kv = contiguous_heads(projected_kv, batch_first);
+      return {split_heads(q, num_heads, batch_first), kv[0], kv[1]};
+    }
+    const auto kv = projected_kv.unbind(-3);
+    return {split_heads(q, num_heads, batch_first), to_attention_layout(kv[0], batch_first),
+            to_attention_layout(kv[1], batch_first)};
   }
   const auto k =
       at::linear(key, weight.narrow_symint(0, embed_dim, embed_dim), bias_chunk(args, 1, 1));
@@ -126,8 +143,11 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   const auto as_batched = [batched](const at::Tensor& t) { return batched ? t : t.unsqueeze(0); };
   const bool layout_batch_first = args.is_batch_first();
 
+  // The weights path multiplies heads in batched GEMMs, which want each head contiguous; SDPA
+  // takes the projections' strided views as they are.
   Heads heads = args.has_packed_weight()
-                    ? project_packed(args, as_batched(query), as_batched(key), as_batched(value))
+                    ? project_packed(args, as_batched(query), as_batched(key), as_batched(value),
+                                     /*head_major=*/need_weights)
                     : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
 
   int64_t appended_keys = 0;

@@ -1,0 +1,80 @@
+"""Where a candidate's time goes: torch.profiler's table of one call, candidates side by side.
+
+    python scripts/bench/profile.py --device cuda --dtype bfloat16 --shape 32,128,512,8 \
+        --mode inference --candidates torchmha_weights,torch_mha_weights
+
+Same weights and input as scripts/bench.py. On a GPU the table lists kernels (CUDA time); on
+the CPU, ATen ops. Counts of kernels and of ATen calls come first: at small shapes a GPU call is
+bound by launches, so those counts are the cost.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import peers  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--shape", default="32,128,512,8", help="B,L,E,H")
+    parser.add_argument("--mode", default="inference", choices=["inference", "training"])
+    parser.add_argument("--candidates", default="torchmha_weights,torch_mha_weights")
+    parser.add_argument("--rows", type=int, default=12, help="table rows per candidate")
+    return parser.parse_args()
+
+
+def one_call(candidate, training: bool):
+    if training:
+        candidate.forward().float().sum().backward()
+    else:
+        with torch.inference_mode():
+            candidate.forward()
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    batch, seq, embed, heads = map(int, args.shape.split(","))
+    torch.manual_seed(0)
+    state = torch.nn.MultiheadAttention(embed, heads, batch_first=True).state_dict()
+    x = torch.randn(batch, seq, embed, device=device, dtype=dtype)
+    candidates = peers.python_candidates(embed, heads, state, x)
+    training = args.mode == "training"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"{args.device} {args.dtype} shape {args.shape} {args.mode}; torch {torch.__version__}")
+    for name in args.candidates.split(","):
+        candidate = candidates[name]
+        for module in candidate.modules:
+            module.train(training)
+        x.requires_grad_(training)
+        for _ in range(3):  # warm-up: allocator, cuBLAS handles, kernel selection
+            one_call(candidate, training)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            one_call(candidate, training)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        events = prof.events()
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        aten_calls = sum(1 for e in events if e.name.startswith("aten::"))
+        print(f"\n== {name}: {kernels} GPU kernels, {aten_calls} ATen calls")
+        print(
+            prof.key_averages().table(
+                sort_by=sort_by, row_limit=args.rows, max_name_column_width=60
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,10 @@
 # The GPU check, for a machine with CUDA and PyTorch already installed (no network needed):
 # builds the extension from source against that PyTorch, runs every Python test (the CUDA ones
 # included), builds the C++ timing loop (in the background, meanwhile) and runs the GPU
-# benchmark (scripts/bench.py --device cuda).
+# benchmark (scripts/bench.py --device cuda), then profiles the cases furthest from their goals
+# (scripts/bench/profile.py, appended to bench.log).
 #
-# Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench]   (both when none is named)
+# Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench] [profile]   (all when none is named)
 # TORCHMHA_COMMIT=<commit> labels the results where the copy's .git is not the tree's.
 # Writes at most eight files under $OUT: summary.txt (machine, pass count, goals), build.log,
 # cmake.log, pytest.log, bench.log and bench/cuda-<card>.{json,md,png}.
@@ -19,7 +20,7 @@ export MAX_JOBS=${MAX_JOBS:-$cores} PYTHONUNBUFFERED=1
 # newer g++ (a CXX pointing elsewhere) crashed in its inline iostream code against the older one.
 export CXX=${TORCHMHA_CXX:-c++}
 summary=$OUT/summary.txt
-steps=${*:-tests bench}
+steps=${*:-tests bench profile}
 status=0
 
 {
@@ -88,5 +89,16 @@ if [[ $steps == *bench* ]]; then
     echo "gpu_check: benchmark FAILED" | tee -a "$summary"
     status=1
   fi
+fi
+
+if [[ $steps == *profile* ]]; then
+  # Kernel tables of the cases furthest from their goals, appended to bench.log.
+  for case in "bfloat16 32,128,512,8 inference torchmha_weights,torch_mha_weights" \
+    "bfloat16 8,1024,1024,16 inference torchmha_weights,torch_mha_weights" \
+    "float32 8,1024,1024,16 training torchmha,torch_mha,torch_mha_weights"; do
+    read -r dtype shape mode candidates <<<"$case"
+    timeout 120 "$PYTHON" scripts/bench/profile.py --device cuda --dtype "$dtype" --shape "$shape" \
+      --mode "$mode" --candidates "$candidates" >>"$OUT/bench.log" 2>&1
+  done
 fi
 exit "$status"

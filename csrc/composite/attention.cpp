@@ -28,14 +28,6 @@ bool needs_autograd(const at::Tensor& query, const at::Tensor& key, const at::Te
                                         value.requires_grad() || (mask && mask->requires_grad()));
 }
 
-// A real tensor with concrete sizes: not traced (fake, functional or symbolic), so its data may
-// be updated in place and loops over its sizes are loops, not graph unrolling.
-bool is_concrete(const at::Tensor& tensor) {
-  const auto* impl = tensor.unsafeGetTensorImpl();
-  return !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides() &&
-         !at::functionalization::impl::isFunctionalTensor(tensor);
-}
-
 at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                 const MaskedRows& fix, double dropout_p, bool is_causal) {
   auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal);
@@ -43,6 +35,30 @@ at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor
 }
 
 }  // namespace
+
+bool is_concrete(const at::Tensor& tensor) {
+  const auto* impl = tensor.unsafeGetTensorImpl();
+  return !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides() &&
+         !at::functionalization::impl::isFunctionalTensor(tensor);
+}
+
+at::Tensor contiguous_in_words(const at::Tensor& tensor) {
+  constexpr int64_t word_bytes = 8;
+  const int64_t ratio = word_bytes / static_cast<int64_t>(tensor.element_size());
+  const bool fits = tensor.dim() > 0 && ratio > 1 && is_concrete(tensor) &&
+                    !(at::GradMode::is_enabled() && tensor.requires_grad()) &&
+                    tensor.stride(-1) == 1 && tensor.size(-1) % ratio == 0 &&
+                    tensor.storage_offset() % ratio == 0 && !tensor.is_contiguous();
+  if (!fits) {
+    return tensor.contiguous();
+  }
+  for (int64_t dim = 0; dim + 1 < tensor.dim(); ++dim) {
+    if (tensor.stride(dim) % ratio != 0) {
+      return tensor.contiguous();
+    }
+  }
+  return tensor.view(at::kLong).contiguous().view(tensor.scalar_type());
+}
 
 double softmax_scale(const at::Tensor& query) {
   const int64_t head_dim = query.sym_size(-1).guard_int(__FILE__, __LINE__);

@@ -13,6 +13,14 @@ namespace torchmha::composite {
 // attention is not allowed) and broadcastable to (N, H, L, S). A query row whose keys are all
 // masked attends to nothing: a zero output row, zero weights, finite gradients.
 
+// A real tensor with concrete sizes: not traced (fake, functional or symbolic), so its data may
+// be updated in place and loops over its sizes are loops, not graph unrolling.
+bool is_concrete(const at::Tensor& tensor);
+
+// tensor.contiguous(), copied as 8-byte words where the innermost rows allow it and no gradient
+// flows (a dtype view has none): the GPU's strided copy kernel indexes 2-4x fewer elements.
+at::Tensor contiguous_in_words(const at::Tensor& tensor);
+
 // 1 / sqrt(head_dim), the scores' scale.
 double softmax_scale(const at::Tensor& query);
 

@@ -28,8 +28,9 @@ at::Tensor split_heads(const at::Tensor& projected, int64_t num_heads, bool batc
 
 // (N, H, L, D) -> (N, L, E) or (L, N, E): the concatenation of the heads.
 at::Tensor merge_heads(const at::Tensor& attended, bool batch_first) {
-  return (batch_first ? attended.permute({0, 2, 1, 3}) : attended.permute({2, 0, 1, 3}))
-      .flatten(-2);
+  // Batch-first, the output projection wants (N, L, E) contiguous: copied once here if at all.
+  return batch_first ? contiguous_in_words(attended.permute({0, 2, 1, 3})).flatten(-2)
+                     : attended.permute({2, 0, 1, 3}).flatten(-2);
 }
 
 std::optional<at::Tensor> bias_chunk(const Arguments& args, int64_t start, int64_t chunks) {
@@ -43,8 +44,8 @@ std::optional<at::Tensor> bias_chunk(const Arguments& args, int64_t start, int64
 // (A, B, n, H, D) packed projections -> (n, N, H, L, D) contiguous, in one copy: the weights
 // path's batched GEMMs then read q, k and v without copying each again.
 std::vector<at::Tensor> contiguous_heads(const at::Tensor& packed, bool batch_first) {
-  return (batch_first ? packed.permute({2, 0, 3, 1, 4}) : packed.permute({2, 1, 3, 0, 4}))
-      .contiguous()
+  return contiguous_in_words(batch_first ? packed.permute({2, 0, 3, 1, 4})
+                                         : packed.permute({2, 1, 3, 0, 4}))
       .unbind(0);
 }
 

@@ -159,3 +159,27 @@ def test_blocked_low_precision_no_worse_than_pytorch(dtype):
         assert_no_worse_than_pytorch(
             results["ours"][i], results["torch"][i], truth, LOW_PRECISION_FLOOR[dtype] * scale, name
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("attention", ["self", "encoder_decoder"])
+def test_head_layout_copies_without_autograd_equal_with_autograd(dtype, batch_first, attention):
+    """Without autograd, the weights path lays the packed projections out head by head (and merges
+    the heads back) by copying 8-byte words; with autograd, by a plain copy. Both must give the
+    same numbers, and PyTorch's within its own dtype's rounding."""
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(64, 4, batch_first=batch_first, dtype=dtype).eval()
+    ours = torchmha.MultiHeadAttention(64, 4, batch_first=batch_first, dtype=dtype).eval()
+    ours.load_state_dict(reference.state_dict())
+    query = torch.randn(3, 10, 64, dtype=dtype)
+    memory = torch.randn(3, 7, 64, dtype=dtype) if attention == "encoder_decoder" else query
+    if not batch_first:
+        query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+    with torch.inference_mode():
+        words = ours(query, memory, memory)
+        expected = reference(query, memory, memory)
+    plain = ours(query.clone().requires_grad_(True), memory, memory)
+    for got, want, via_plain_copy in zip(words, expected, plain):
+        torch.testing.assert_close(got, via_plain_copy.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(got, want)

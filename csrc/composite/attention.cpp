@@ -44,8 +44,11 @@ bool is_concrete(const at::Tensor& tensor) {
 
 at::Tensor contiguous_in_words(const at::Tensor& tensor) {
   constexpr int64_t word_bytes = 8;
+  // Below this the copy is cheap anyway and the two dtype views would only add call overhead.
+  constexpr int64_t min_bytes = int64_t{1} << 20;
   const int64_t ratio = word_bytes / static_cast<int64_t>(tensor.element_size());
   const bool fits = tensor.dim() > 0 && ratio > 1 && is_concrete(tensor) &&
+                    static_cast<int64_t>(tensor.nbytes()) >= min_bytes &&
                     !(at::GradMode::is_enabled() && tensor.requires_grad()) &&
                     tensor.stride(-1) == 1 && tensor.size(-1) % ratio == 0 &&
                     tensor.storage_offset() % ratio == 0 && !tensor.is_contiguous();

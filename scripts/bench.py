@@ -69,6 +69,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=os.path.join(HERE, "bench", "results"))
     parser.add_argument("--name", help="file name stem (default: cpu or the GPU's name)")
     parser.add_argument("--plot-from", metavar="JSON", help="only draw the plot of a results file")
+    parser.add_argument(
+        "--report-from",
+        metavar="JSON",
+        help="only rewrite a results file's report from its timings",
+    )
     parser.add_argument("--memory-probe", metavar="DTYPE,B,L,E,H,MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -251,6 +256,8 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
                 "description": peers.DESCRIPTIONS[name],
                 "median_ms": timing.median(values),
                 "samples_ms": values,
+                # On a GPU the C++ program runs after the rounds, not in turn within them.
+                "timed_in_rounds": not (device.type == "cuda" and name in CPP_CANDIDATES),
                 "peak_bytes": peaks.get(name),
             }
         )
@@ -261,6 +268,8 @@ def main() -> int:
     args = parse_args()
     if args.plot_from:
         return replot(args.plot_from)
+    if args.report_from:
+        return rereport(args.report_from)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
@@ -320,17 +329,23 @@ def main() -> int:
         )
 
     name = args.name or ("quick" if args.quick else _default_name(device, machine))
-    os.makedirs(args.out, exist_ok=True)
-    goal_lines = report.goals(rows, device.type)
+    write_results(args.out, name, machine, peaks, args, rows)
+    return 0
+
+
+def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: list) -> None:
+    """<name>.md (table and goals), <name>.json and <name>.png under ``out``."""
+    os.makedirs(out, exist_ok=True)
+    goal_lines = report.goals(rows, args.device)
     header = _header(machine, peaks, args)
     table = report.markdown_table(rows)
-    with open(os.path.join(args.out, name + ".md"), "w") as markdown:
+    with open(os.path.join(out, name + ".md"), "w") as markdown:
         markdown.write(
             f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"
             + "\n".join(goal_lines)
             + "\n"
         )
-    with open(os.path.join(args.out, name + ".json"), "w") as output:
+    with open(os.path.join(out, name + ".json"), "w") as output:
         json.dump(
             {
                 "machine": machine,
@@ -341,12 +356,36 @@ def main() -> int:
             output,
             indent=1,
         )
-    plotted = report.plot(rows, os.path.join(args.out, name + ".png"), header.replace("\n", " "))
+    plotted = report.plot(rows, os.path.join(out, name + ".png"), header.replace("\n", " "))
     print("\n" + header + "\n\n" + table + "\n\nGoals, as measured:\n" + "\n".join(goal_lines))
     print(
-        f"bench: wrote {os.path.join(args.out, name)}.json, .md"
+        f"bench: wrote {os.path.join(out, name)}.json, .md"
         + (", .png" if plotted else " (no plot: matplotlib is not installed)")
     )
+
+
+def rereport(results_path: str) -> int:
+    """Rewrites <results>.md, .json and .png from the timings in <results>.json: ratios and goals
+    as the current report computes them, nothing measured again."""
+    with open(results_path) as results:
+        saved = json.load(results)
+    settings = argparse.Namespace(**saved["settings"])
+    rows = []
+    for row in saved["rows"]:
+        row = {**row, "shape": tuple(row["shape"])}
+        row["case"] = (row["dtype"], row["shape"], row["mode"])
+        # Files written before the flag existed: on a GPU the C++ program ran after the rounds.
+        row.setdefault(
+            "timed_in_rounds",
+            not (settings.device == "cuda" and row["candidate"] in CPP_CANDIDATES),
+        )
+        rows.append(row)
+    for dtype_name, peak in saved["gemm_peak_tflops"].items():
+        report.add_ratios(
+            [r for r in rows if r["dtype"] == dtype_name], _weights_candidates(), peak
+        )
+    out, file_name = os.path.split(os.path.splitext(results_path)[0])
+    write_results(out, file_name, saved["machine"], saved["gemm_peak_tflops"], settings, rows)
     return 0
 
 
@@ -387,7 +426,8 @@ def _header(machine: dict, peaks: dict, args) -> str:
         )
         + f". Median of {args.rounds} rounds; x torch = torch.nn.MultiheadAttention's time "
         "(its faster setting; its need_weights=True path for candidates that return weights) "
-        "divided by the candidate's; x chapter likewise for the chapter's module."
+        "divided by the candidate's; x chapter likewise for the chapter's module. In the goals, "
+        "'rounds' gives the smallest and largest of the same ratio taken round by round."
     )
 
 

@@ -67,3 +67,16 @@ def test_report_states_machine_and_goals(quick_run):
     assert report["machine"]["torch"] and report["gemm_peak_tflops"]["float32"] > 0
     assert "Goals, as measured" in markdown and "Goals, as measured" in stdout
     assert "Training step vs torch.nn.MultiheadAttention" in markdown
+
+
+def test_round_by_round_ratios_bracket_the_median_ratio(quick_run):
+    """Each Python candidate's ratio to PyTorch, taken round by round, is reported as a range;
+    the ratio of the medians must lie inside it, and the goals state it."""
+    report, markdown, _ = quick_run
+    for row in report["rows"]:
+        if row["candidate"] not in PYTHON_CANDIDATES:
+            continue
+        rounds = row["x_torch_rounds"]
+        assert len(rounds) == len(row["samples_ms"])
+        assert min(rounds) * (1 - 1e-9) <= row["x_torch"] <= max(rounds) * (1 + 1e-9)
+    assert "(rounds " in markdown.split("Goals, as measured", 1)[1]

@@ -20,17 +20,13 @@ def add_ratios(rows: List[dict], weights_candidates: set, gemm_peak_tflops: floa
     for row in rows:
         by_case.setdefault(row["case"], {})[row["candidate"]] = row
     for case in by_case.values():
-        torch_ms = [case[name]["median_ms"] for name in (TORCH_BEST, TORCH_WEIGHTS) if name in case]
-        torch_rounds = [
-            case[name]["samples_ms"] for name in (TORCH_BEST, TORCH_WEIGHTS) if name in case
-        ]
+        settings = [case[name] for name in (TORCH_BEST, TORCH_WEIGHTS) if name in case]
+        faster = min(settings, key=lambda setting: setting["median_ms"]) if settings else {}
         for row in case.values():
-            if row["candidate"] in weights_candidates:
-                reference = case.get(TORCH_WEIGHTS, {}).get("median_ms")
-                reference_rounds = case.get(TORCH_WEIGHTS, {}).get("samples_ms")
-            else:
-                reference = min(torch_ms) if torch_ms else None
-                reference_rounds = [min(round_ms) for round_ms in zip(*torch_rounds)]
+            weights = row["candidate"] in weights_candidates
+            reference_row = case.get(TORCH_WEIGHTS, {}) if weights else faster
+            reference = reference_row.get("median_ms")
+            reference_rounds = reference_row.get("samples_ms")
             chapter = case.get("chapter", {}).get("median_ms")
             row["x_torch"] = reference / row["median_ms"] if reference else None
             paired = row.get("timed_in_rounds", True)

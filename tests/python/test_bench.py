@@ -80,3 +80,18 @@ def test_round_by_round_ratios_bracket_the_median_ratio(quick_run):
         assert len(rounds) == len(row["samples_ms"])
         assert min(rounds) * (1 - 1e-9) <= row["x_torch"] <= max(rounds) * (1 + 1e-9)
     assert "(rounds " in markdown.split("Goals, as measured", 1)[1]
+
+
+def test_report_from_saved_timings_reproduces_the_report(quick_run, tmp_path):
+    """``--report-from`` rebuilds the Markdown report from a results file's timings alone."""
+    report, markdown, _ = quick_run
+    saved = tmp_path / "again.json"
+    saved.write_text(json.dumps(report))
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench.py")]
+    result = subprocess.run(
+        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "again.md").read_text() == markdown.replace(
+        "# Benchmark: quick", "# Benchmark: again"
+    )

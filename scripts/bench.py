@@ -122,17 +122,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def step_function(candidate, training: bool):
-    """One inference forward, or one training step (forward, backward of the sum)."""
-    if not training:
-        return candidate.forward
-
-    def step():
-        candidate.forward().float().sum().backward()
-
-    return step
-
-
 def probe_cpu_memory(dtype_name, shape, mode, wanted):
     """Peak memory of one call of each Python candidate, from a fresh process in which every
     allocation above 64 KiB is its own mapping, so the resident set follows what is allocated."""
@@ -176,7 +165,7 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     for candidate in candidates.values():
         for module in candidate.modules:
             module.train(training)
-    steps = {name: step_function(c, training) for name, c in candidates.items()}
+    steps = {name: peers.step_function(c, training) for name, c in candidates.items()}
     samples = {name: [] for name in steps}
     peaks = {}
     calls = {}
@@ -323,10 +312,7 @@ def main() -> int:
         peaks[dtype_name] = max(
             peaks[dtype_name], timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
         )
-    for dtype_name in dtypes:
-        report.add_ratios(
-            [r for r in rows if r["dtype"] == dtype_name], _weights_candidates(), peaks[dtype_name]
-        )
+    _add_ratios_per_dtype(rows, peaks)
 
     name = args.name or ("quick" if args.quick else _default_name(device, machine))
     write_results(args.out, name, machine, peaks, args, rows)
@@ -380,10 +366,7 @@ def rereport(results_path: str) -> int:
             not (settings.device == "cuda" and row["candidate"] in CPP_CANDIDATES),
         )
         rows.append(row)
-    for dtype_name, peak in saved["gemm_peak_tflops"].items():
-        report.add_ratios(
-            [r for r in rows if r["dtype"] == dtype_name], _weights_candidates(), peak
-        )
+    _add_ratios_per_dtype(rows, saved["gemm_peak_tflops"])
     out, file_name = os.path.split(os.path.splitext(results_path)[0])
     write_results(out, file_name, saved["machine"], saved["gemm_peak_tflops"], settings, rows)
     return 0
@@ -402,6 +385,13 @@ def replot(results_path: str) -> int:
         return 1
     print(f"bench: wrote {path}")
     return 0
+
+
+def _add_ratios_per_dtype(rows: list, peaks: dict) -> None:
+    for dtype_name, peak in peaks.items():
+        report.add_ratios(
+            [r for r in rows if r["dtype"] == dtype_name], _weights_candidates(), peak
+        )
 
 
 def _weights_candidates() -> set:

@@ -78,3 +78,14 @@ def python_candidates(
             make("chapter", True, lambda: chapter(x, x, x), chapter),
         )
     }
+
+
+def step_function(candidate, training: bool):
+    """One inference forward, or one training step (forward, backward of the sum)."""
+    if not training:
+        return candidate.forward
+
+    def step():
+        candidate.forward().float().sum().backward()
+
+    return step

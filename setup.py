@@ -1,9 +1,11 @@
 """Builds the torchmha Python package and its C++ extension from the csrc/ sources."""
 
+import os
 from pathlib import Path
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
 LIBRARY_SOURCES = [
@@ -11,12 +13,22 @@ LIBRARY_SOURCES = [
     "csrc/composite/argument_checks.cpp",
     "csrc/composite/attention.cpp",
     "csrc/composite/blocked_attention.cpp",
+    "csrc/composite/head_mean_softmax.cpp",
     "csrc/composite/masks.cpp",
     "csrc/composite/multi_head_attention.cpp",
     "csrc/module.cpp",
     "csrc/textbook.cpp",
     "csrc/serialize.cpp",
 ]
+# Kernels of their own for CUDA, built where this PyTorch has CUDA and nvcc is found
+# (TORCHMHA_CUDA=0 leaves them out; the op then composes ATen ops on CUDA too).
+CUDA_SOURCES = ["csrc/cuda/head_mean_softmax.cu"]
+WITH_CUDA = (
+    torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and os.environ.get("TORCHMHA_CUDA", "1") != "0"
+)
+Extension = CUDAExtension if WITH_CUDA else CppExtension
 
 setup(
     name="torchmha",
@@ -27,11 +39,11 @@ setup(
     package_dir={"": "python"},
     packages=["torchmha"],
     ext_modules=[
-        CppExtension(
+        Extension(
             "torchmha._C",
-            [*LIBRARY_SOURCES, "csrc/python/bindings.cpp"],
+            [*LIBRARY_SOURCES, *(CUDA_SOURCES if WITH_CUDA else []), "csrc/python/bindings.cpp"],
             include_dirs=[str(ROOT / "csrc" / "include")],
-            extra_compile_args={"cxx": ["-O3"]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
         )
     ],
     cmdclass={"build_ext": BuildExtension},

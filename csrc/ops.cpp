@@ -1,4 +1,5 @@
-// The one schema of torchmha and its dispatcher-typed C++ entry point.
+// The schemas of torchmha (the op, and the private kernel op its weights path calls) and the
+// op's dispatcher-typed C++ entry point.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 #include <torchmha/ops.h>
@@ -33,6 +34,9 @@ TORCH_LIBRARY(torchmha, m) {
       "Tensor? key_padding_mask=None, Tensor? attn_mask=None, bool need_weights=True, "
       "bool average_attn_weights=True, bool is_causal=False, bool batch_first=False) "
       "-> (Tensor, Tensor)");
+  // mean over heads of softmax(scores, -1): (N, H, L, S) -> (N, L, S); see
+  // csrc/composite/head_mean_softmax.h.
+  m.def("_head_mean_softmax(Tensor scores) -> Tensor");
 }
 
 }  // namespace torchmha

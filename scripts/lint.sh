@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mapfile -t cpp_files < <(git ls-files --cached --others --exclude-standard -- '*.cpp' '*.h')
+mapfile -t cpp_files < <(git ls-files --cached --others --exclude-standard -- '*.cpp' '*.h' '*.cu')
 if [[ ${1:-} == --fix ]]; then
   clang-format -i "${cpp_files[@]}"
   .venv/bin/ruff format -q .

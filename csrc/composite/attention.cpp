@@ -1,9 +1,11 @@
 #include "attention.h"
 
 #include "blocked_attention.h"
+#include "head_mean_softmax.h"
 
 #include <ATen/ATen.h>
 #include <ATen/FunctionalTensorWrapper.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 
 #include <array>
@@ -32,6 +34,49 @@ at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor
                 const MaskedRows& fix, double dropout_p, bool is_causal) {
   auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal);
   return fix.fully_masked_rows ? output.masked_fill(*fix.fully_masked_rows, 0) : output;
+}
+
+// (N, H, L, S) scale * q k^T + mask from one batched GEMM over N * H.
+at::Tensor head_scores(const at::Tensor& query, const at::Tensor& key,
+                       const std::optional<at::Tensor>& mask) {
+  const auto sizes = query.sym_sizes();
+  const c10::SymInt batch_heads = sizes[0] * sizes[1];
+  const c10::SymInt source_len = key.sym_size(2);
+  const std::array<c10::SymInt, 4> score_sizes{sizes[0], sizes[1], sizes[2], source_len};
+  std::optional<at::Tensor> batched_mask;
+  if (mask) {
+    batched_mask =
+        mask->expand_symint(score_sizes).reshape_symint({batch_heads, sizes[2], source_len});
+  }
+  return scaled_scores(query.reshape_symint({batch_heads, sizes[2], sizes[3]}),
+                       key.reshape_symint({batch_heads, source_len, sizes[3]}).transpose(1, 2),
+                       batched_mask, softmax_scale(query))
+      .view_symint(score_sizes);
+}
+
+// Where the device has a head-mean kernel, the averaged weights need no per-head probabilities,
+// so the output can come from SDPA's fused kernels. In float32 those are no faster than the
+// explicit GEMMs, so only small, launch-bound calls gain from the extra scores GEMM; float64 and
+// autocast (whose softmax would return float32 weights) keep the explicit path.
+bool weights_by_head_mean_kernel(const at::Tensor& query, const at::Tensor& key, bool average_heads,
+                                 double dropout_p, bool concrete, bool mask_needs_grad) {
+  constexpr int64_t small_float32_scores_bytes = int64_t{1} << 20;
+  constexpr int64_t max_heads = 2048;  // the kernel keeps two numbers per head in shared memory
+  if (!average_heads || dropout_p != 0.0 || !concrete || mask_needs_grad ||
+      !has_head_mean_softmax_kernel(query.device().type()) ||
+      at::autocast::is_autocast_enabled(query.device().type()) || query.size(1) > max_heads) {
+    return false;
+  }
+  switch (query.scalar_type()) {
+    case at::kHalf:
+    case at::kBFloat16:
+      return true;
+    case at::kFloat:
+      return query.size(0) * query.size(1) * query.size(2) * key.size(2) * 4 <=
+             small_float32_scores_bytes;
+    default:
+      return false;
+  }
 }
 
 }  // namespace
@@ -90,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
                                                           double dropout_p, bool average_heads) {
   const bool differentiable = needs_autograd(query, key, value, mask);
   const bool concrete = is_concrete(query) && is_concrete(key) && is_concrete(value);
-  const MaskedRows fix = fix_fully_masked_rows(std::move(mask));
+  const MaskedRows fix = fix_fully_masked_rows(mask);
 
   // On the CPU, large scores go block by block (any other case composes ATen ops directly).
   const bool mask_needs_grad = fix.mask && fix.mask->requires_grad();
@@ -98,22 +143,17 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
       scores_outgrow_a_block(query, key)) {
     return blocked_attention_with_weights(query, key, value, fix, average_heads);
   }
+  if (weights_by_head_mean_kernel(query, key, average_heads, dropout_p, concrete,
+                                  mask_needs_grad)) {
+    // Scores with the unfixed mask: a fully masked row is all -inf, which adds zero weight.
+    auto weights = head_mean_softmax(head_scores(query, key, mask));
+    return {sdpa(query, key, value, fix, 0.0, /*is_causal=*/false), std::move(weights)};
+  }
 
-  // (N, H, ...) merged into one batch dimension for bmm: q, k and v are copied at most once each.
   const auto sizes = query.sym_sizes();
   const c10::SymInt batch_heads = sizes[0] * sizes[1];
   const c10::SymInt source_len = key.sym_size(2);
-  const std::array<c10::SymInt, 4> score_sizes{sizes[0], sizes[1], sizes[2], source_len};
-  std::optional<at::Tensor> batched_mask;
-  if (fix.mask) {
-    batched_mask =
-        fix.mask->expand_symint(score_sizes).reshape_symint({batch_heads, sizes[2], source_len});
-  }
-  auto scores =
-      scaled_scores(query.reshape_symint({batch_heads, sizes[2], sizes[3]}),
-                    key.reshape_symint({batch_heads, source_len, sizes[3]}).transpose(1, 2),
-                    batched_mask, softmax_scale(query))
-          .view_symint(score_sizes);
+  auto scores = head_scores(query, key, fix.mask);
   // Without autograd nothing keeps the scores, so each step may overwrite them.
   const bool in_place = !differentiable && concrete;
   auto probabilities =

@@ -152,3 +152,77 @@ def test_opcheck_on_cuda() -> None:
                 "batch_first": True,
             },
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "causal"])
+def test_gradients_through_the_weights_match_pytorch(dtype: torch.dtype, mask_kind: str) -> None:
+    """With the averaged weights in the loss too (their backward is the head-mean kernel op's):
+    output, weights and input gradient no further from float64 than PyTorch in ``dtype``."""
+    torch.manual_seed(0)
+    reference, candidate = make_pair(dtype)
+    pytorch_in_dtype = copy.deepcopy(reference).to(dtype)
+    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=torch.float64)
+    cotangent = torch.randn_like(x)
+    weights_cotangent = torch.randn(BATCH, LENGTH, LENGTH, device=DEVICE, dtype=torch.float64)
+
+    def found(module: nn.Module) -> List[Tensor]:
+        leaf = x.to(next(module.parameters()).dtype).requires_grad_()
+        output, weights = module(leaf, leaf, leaf, **masks(mask_kind))
+        loss = (output.double() * cotangent).sum() + (weights.double() * weights_cotangent).sum()
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return [t.double() for t in (output, weights, grad)]
+
+    exact, ours, theirs = found(reference), found(candidate), found(pytorch_in_dtype)
+    for name, mine, pytorch, truth in zip(("output", "weights", "grad"), ours, theirs, exact):
+        our_error = (mine - truth).abs().max().item()
+        pytorch_error = (pytorch - truth).abs().max().item()
+        assert our_error <= 2 * pytorch_error + ERROR_FLOOR[dtype], (
+            f"{name}: torchmha is {our_error:.2e} from float64, PyTorch {pytorch_error:.2e}"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_with_weights(dtype: torch.dtype) -> None:
+    """A head's fully masked row adds zero to the averaged weights (PyTorch's per-head weights,
+    NaN there, read as zero); a query masked in every head gets zero weights, out_proj.bias as
+    output and finite gradients."""
+    torch.manual_seed(0)
+    reference, candidate = make_pair(dtype)
+    attn_mask = torch.rand(BATCH * NUM_HEADS, LENGTH, LENGTH, device=DEVICE) < 0.3
+    attn_mask[..., 0] = False
+    attn_mask[0, 2] = True  # batch entry 0, head 0, query 2
+    attn_mask[:, 3] = True  # query 3, every head
+    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=torch.float64)
+    leaf = x.to(dtype).requires_grad_()
+    output, weights = candidate(leaf, leaf, leaf, attn_mask=attn_mask)
+    (grad,) = torch.autograd.grad(output.float().sum() + weights.float().square().sum(), leaf)
+    assert torch.isfinite(output).all() and torch.isfinite(grad).all()
+    _, per_head = reference(x, x, x, attn_mask=attn_mask, average_attn_weights=False)
+    expected = per_head.nan_to_num(0.0).mean(1)
+    tolerance = ERROR_FLOOR[dtype] if dtype != torch.float32 else 1e-6
+    torch.testing.assert_close(weights.double(), expected, atol=tolerance, rtol=0)
+    assert weights[:, 3].abs().max() == 0
+    torch.testing.assert_close(
+        output[:, 3], candidate.out_proj.bias.expand(BATCH, EMBED_DIM), atol=0.0, rtol=0.0
+    )
+
+
+def kernel_names(candidate: nn.Module, x: Tensor) -> List[str]:
+    """The CUDA kernels one need_weights=True forward launches."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as profile:
+        candidate(x, x, x, need_weights=True)
+        torch.cuda.synchronize()
+    return [event.name for event in profile.events()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_need_weights_takes_the_head_mean_kernel_in_low_precision(dtype: torch.dtype) -> None:
+    """bfloat16 and float16 weights come from the head-mean kernel (no per-head softmax);
+    float64 keeps the explicit path, whose numbers match PyTorch's most closely."""
+    _, candidate = make_pair(dtype)
+    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=dtype)
+    names = kernel_names(candidate, x)
+    uses_kernel = any("head_mean_softmax" in name for name in names)
+    assert uses_kernel == (dtype != torch.float64), names

@@ -55,28 +55,20 @@ at::Tensor head_scores(const at::Tensor& query, const at::Tensor& key,
 }
 
 // Where the device has a head-mean kernel, the averaged weights need no per-head probabilities,
-// so the output can come from SDPA's fused kernels. In float32 those are no faster than the
-// explicit GEMMs, so only small, launch-bound calls gain from the extra scores GEMM; float64 and
-// autocast (whose softmax would return float32 weights) keep the explicit path.
-bool weights_by_head_mean_kernel(const at::Tensor& query, const at::Tensor& key, bool average_heads,
-                                 double dropout_p, bool concrete, bool mask_needs_grad) {
-  constexpr int64_t small_float32_scores_bytes = int64_t{1} << 20;
+// so the output can come from SDPA's fused kernels; in half precision that is faster at every
+// size. float32 keeps the explicit path: there SDPA is no faster than the explicit GEMMs, and
+// choosing by size would put guards on traced shapes. The choice reads only the device, dtype
+// and flags, so eager calls and traced graphs (compile, export) compute the same way.
+bool weights_by_head_mean_kernel(const at::Tensor& query, bool average_heads, double dropout_p,
+                                 bool mask_needs_grad) {
   constexpr int64_t max_heads = 2048;  // the kernel keeps two numbers per head in shared memory
-  if (!average_heads || dropout_p != 0.0 || !concrete || mask_needs_grad ||
-      !has_head_mean_softmax_kernel(query.device().type()) ||
-      at::autocast::is_autocast_enabled(query.device().type()) || query.size(1) > max_heads) {
-    return false;
-  }
-  switch (query.scalar_type()) {
-    case at::kHalf:
-    case at::kBFloat16:
-      return true;
-    case at::kFloat:
-      return query.size(0) * query.size(1) * query.size(2) * key.size(2) * 4 <=
-             small_float32_scores_bytes;
-    default:
-      return false;
-  }
+  const auto dtype = query.scalar_type();
+  return average_heads && dropout_p == 0.0 && !mask_needs_grad &&
+         (dtype == at::kHalf || dtype == at::kBFloat16) &&
+         has_head_mean_softmax_kernel(query.device().type()) &&
+         // Under autocast, softmax would return float32 weights; the explicit path keeps that.
+         !at::autocast::is_autocast_enabled(query.device().type()) &&
+         query.sym_size(1).guard_int(__FILE__, __LINE__) <= max_heads;
 }
 
 }  // namespace
@@ -143,8 +135,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
       scores_outgrow_a_block(query, key)) {
     return blocked_attention_with_weights(query, key, value, fix, average_heads);
   }
-  if (weights_by_head_mean_kernel(query, key, average_heads, dropout_p, concrete,
-                                  mask_needs_grad)) {
+  if (weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {
     // Scores with the unfixed mask: a fully masked row is all -inf, which adds zero weight.
     auto weights = head_mean_softmax(head_scores(query, key, mask));
     return {sdpa(query, key, value, fix, 0.0, /*is_causal=*/false), std::move(weights)};

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torchmha
@@ -133,11 +134,13 @@ def test_flash_backend_is_used_for_unmasked_bfloat16() -> None:
     assert error <= 2 * pytorch_error.abs().max().item() + ERROR_FLOOR[torch.bfloat16]
 
 
-def test_opcheck_on_cuda() -> None:
-    """torch.library.opcheck (schema, autograd registration, fake tensors, AOT) on CUDA."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_on_cuda(dtype: torch.dtype) -> None:
+    """torch.library.opcheck (schema, autograd registration, fake tensors, AOT) on CUDA; in
+    bfloat16 the weights path runs the head-mean kernel op, in eager and traced alike."""
     torch.manual_seed(0)
-    _, candidate = make_pair(torch.float32)
-    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, requires_grad=True)
+    _, candidate = make_pair(dtype)
+    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=dtype, requires_grad=True)
     padding = masks("padding")["key_padding_mask"]
     for need_weights in (False, True):
         torch.library.opcheck(
@@ -217,12 +220,47 @@ def kernel_names(candidate: nn.Module, x: Tensor) -> List[str]:
     return [event.name for event in profile.events()]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_need_weights_takes_the_head_mean_kernel_in_low_precision(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str
+)
+def test_need_weights_takes_the_head_mean_kernel_in_half_precision(dtype: torch.dtype) -> None:
     """bfloat16 and float16 weights come from the head-mean kernel (no per-head softmax);
-    float64 keeps the explicit path, whose numbers match PyTorch's most closely."""
+    float32 and float64 keep the explicit path (SDPA is no faster than its GEMMs there)."""
     _, candidate = make_pair(dtype)
     x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=dtype)
     names = kernel_names(candidate, x)
     uses_kernel = any("head_mean_softmax" in name for name in names)
-    assert uses_kernel == (dtype != torch.float64), names
+    assert uses_kernel == (dtype in (torch.bfloat16, torch.float16)), names
+
+
+class SelfAttentionWithWeights(nn.Module):
+    """Self-attention with a padding mask, returning the averaged weights too."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: Tensor, padding: Tensor) -> tuple:
+        return self.attention(x, x, x, key_padding_mask=padding)
+
+
+def test_exported_need_weights_keeps_the_head_mean_kernel() -> None:
+    """torch.export in bfloat16 (dynamic length) takes the eager path: the program calls the
+    head-mean kernel op and computes what eager computes at lengths it never saw."""
+    torch.manual_seed(0)
+    _, candidate = make_pair(torch.bfloat16)
+    model = SelfAttentionWithWeights(candidate)
+    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=torch.bfloat16)
+    length = Dim("length", min=2, max=64)
+    program = torch.export.export(
+        model, (x, masks("padding")["key_padding_mask"]), dynamic_shapes=({1: length}, {1: length})
+    )
+    assert "torchmha._head_mean_softmax" in str(program.graph)
+    for sequence in (5, 40):
+        x = torch.randn(BATCH, sequence, EMBED_DIM, device=DEVICE, dtype=torch.bfloat16)
+        padding = torch.zeros(BATCH, sequence, dtype=torch.bool, device=DEVICE)
+        padding[1, sequence // 2 :] = True
+        with torch.no_grad():
+            expected, found = model(x, padding), program.module()(x, padding)
+        for name, ours, eager in zip(("output", "weights"), found, expected):
+            torch.testing.assert_close(ours, eager, msg=name)

@@ -6,7 +6,8 @@ twice as far from it as PyTorch's own module in that dtype.
 """
 
 import copy
-from typing import Dict, List, Optional
+import functools
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -134,13 +135,11 @@ def test_flash_backend_is_used_for_unmasked_bfloat16() -> None:
     assert error <= 2 * pytorch_error.abs().max().item() + ERROR_FLOOR[torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_on_cuda(dtype: torch.dtype) -> None:
-    """torch.library.opcheck (schema, autograd registration, fake tensors, AOT) on CUDA; in
-    bfloat16 the weights path runs the head-mean kernel op, in eager and traced alike."""
+def test_opcheck_on_cuda() -> None:
+    """torch.library.opcheck (schema, autograd registration, fake tensors, AOT) on CUDA."""
     torch.manual_seed(0)
-    _, candidate = make_pair(dtype)
-    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=dtype, requires_grad=True)
+    _, candidate = make_pair(torch.float32)
+    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, requires_grad=True)
     padding = masks("padding")["key_padding_mask"]
     for need_weights in (False, True):
         torch.library.opcheck(
@@ -211,13 +210,17 @@ def test_fully_masked_rows_with_weights(dtype: torch.dtype) -> None:
     )
 
 
-def kernel_names(candidate: nn.Module, x: Tensor) -> List[str]:
-    """The CUDA kernels one need_weights=True forward launches."""
+def kernel_names(call: Callable[[], object]) -> List[str]:
+    """The CUDA kernels one call launches."""
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.no_grad(), torch.profiler.profile(activities=activities) as profile:
-        candidate(x, x, x, need_weights=True)
+        call()
         torch.cuda.synchronize()
     return [event.name for event in profile.events()]
+
+
+def runs_head_mean_kernel(call: Callable[[], object]) -> bool:
+    return any("head_mean_softmax" in name for name in kernel_names(call))
 
 
 @pytest.mark.parametrize(
@@ -228,9 +231,8 @@ def test_need_weights_takes_the_head_mean_kernel_in_half_precision(dtype: torch.
     float32 and float64 keep the explicit path (SDPA is no faster than its GEMMs there)."""
     _, candidate = make_pair(dtype)
     x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=dtype)
-    names = kernel_names(candidate, x)
-    uses_kernel = any("head_mean_softmax" in name for name in names)
-    assert uses_kernel == (dtype in (torch.bfloat16, torch.float16)), names
+    uses_kernel = runs_head_mean_kernel(lambda: candidate(x, x, x, need_weights=True))
+    assert uses_kernel == (dtype in (torch.bfloat16, torch.float16))
 
 
 class SelfAttentionWithWeights(nn.Module):
@@ -244,23 +246,31 @@ class SelfAttentionWithWeights(nn.Module):
         return self.attention(x, x, x, key_padding_mask=padding)
 
 
-def test_exported_need_weights_keeps_the_head_mean_kernel() -> None:
-    """torch.export in bfloat16 (dynamic length) takes the eager path: the program calls the
-    head-mean kernel op and computes what eager computes at lengths it never saw."""
+def padded_input(sequence: int) -> Tuple[Tensor, Tensor]:
+    x = torch.randn(BATCH, sequence, EMBED_DIM, device=DEVICE, dtype=torch.bfloat16)
+    padding = torch.zeros(BATCH, sequence, dtype=torch.bool, device=DEVICE)
+    padding[1, sequence // 2 :] = True
+    return x, padding
+
+
+def test_compiled_and_exported_need_weights_take_the_eager_path() -> None:
+    """In bfloat16, torch.compile's graph and torch.export's program (dynamic length) run the
+    head-mean kernel as eager does, and compute what eager computes."""
     torch.manual_seed(0)
     _, candidate = make_pair(torch.bfloat16)
     model = SelfAttentionWithWeights(candidate)
-    x = torch.randn(BATCH, LENGTH, EMBED_DIM, device=DEVICE, dtype=torch.bfloat16)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     length = Dim("length", min=2, max=64)
     program = torch.export.export(
-        model, (x, masks("padding")["key_padding_mask"]), dynamic_shapes=({1: length}, {1: length})
-    )
-    assert "torchmha._head_mean_softmax" in str(program.graph)
-    for sequence in (5, 40):
-        x = torch.randn(BATCH, sequence, EMBED_DIM, device=DEVICE, dtype=torch.bfloat16)
-        padding = torch.zeros(BATCH, sequence, dtype=torch.bool, device=DEVICE)
-        padding[1, sequence // 2 :] = True
+        model, padded_input(LENGTH), dynamic_shapes=({1: length}, {1: length})
+    ).module()
+    for sequence in (5, LENGTH, 40):
+        x, padding = padded_input(sequence)
         with torch.no_grad():
-            expected, found = model(x, padding), program.module()(x, padding)
-        for name, ours, eager in zip(("output", "weights"), found, expected):
-            torch.testing.assert_close(ours, eager, msg=name)
+            expected = model(x, padding)
+        for name, traced in (("compiled", compiled), ("exported", program)):
+            assert runs_head_mean_kernel(functools.partial(traced, x, padding)), name
+            with torch.no_grad():
+                found = traced(x, padding)
+            for part, ours, eager in zip(("output", "weights"), found, expected):
+                torch.testing.assert_close(ours, eager, msg=f"{name} {part}")

@@ -30,3 +30,17 @@ def test_exported_textbook_block_matches_eager() -> None:
     torch.testing.assert_close(
         program.module()(inputs["x"], inputs["mask"]), model(inputs["x"], inputs["mask"])
     )
+
+
+def test_decomposed_program_is_standard_aten_and_matches_eager() -> None:
+    """export keeps the op as one node; run_decompositions() leaves standard ATen ops only."""
+    model = randomize(AttentionBlock())
+    inputs = example_inputs()
+    args = (inputs["x"], inputs["key_padding_mask"])
+    program = torch.export.export(model, args)
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert "torchmha.multi_head_attention.default" in targets
+    decomposed = program.run_decompositions()
+    targets = [str(node.target) for node in decomposed.graph.nodes if node.op == "call_function"]
+    assert not [target for target in targets if target.startswith("torchmha.")], targets
+    torch.testing.assert_close(decomposed.module()(*args), model(*args))

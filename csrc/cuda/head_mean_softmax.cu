@@ -1,7 +1,7 @@
 // torchmha::_head_mean_softmax on CUDA (schema and semantics: csrc/composite/head_mean_softmax.h).
 // A block per (batch entry, query row) finds each head's row maximum and sum, then writes the
-// mean over heads of exp(x - max) / sum: the scores are read from memory once (the second pass
-// over a block's rows mostly hits the L2 cache), and no head's probabilities are written.
+// mean over heads of exp(x - max) / sum. The second pass re-reads the block's rows just read (meant
+// to come from the L2 cache), and no head's probabilities are written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

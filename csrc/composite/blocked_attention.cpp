@@ -3,9 +3,12 @@
 #include "attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -16,19 +19,31 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+int64_t ceil_div(int64_t numerator, int64_t denominator) {
+  return (numerator + denominator - 1) / denominator;
+}
+
 int64_t score_block_bytes() {
   // Tests shrink the blocks to reach many of them with small, gradcheck-sized inputs.
   static const int64_t bytes = [] {
     const char* configured = std::getenv("TORCHMHA_SCORE_BLOCK_BYTES");
-    return configured ? std::max<int64_t>(1, std::stoll(configured)) : int64_t{8} << 20;
+    return configured ? std::max<int64_t>(1, std::stoll(configured)) : int64_t{2} << 20;
   }();
   return bytes;
 }
 
-// Query rows per block: one block of (H, rows, S) scores fills about score_block_bytes().
-int64_t rows_per_block(const at::Tensor& query, const at::Tensor& key) {
-  const int64_t row_bytes = query.size(1) * key.size(2) * query.element_size();
+// Query rows per block such that `heads` heads' (rows, S) scores fill about score_block_bytes().
+int64_t rows_filling_a_block(const at::Tensor& query, const at::Tensor& key, int64_t heads) {
+  const int64_t row_bytes = heads * key.size(2) * query.element_size();
   return std::clamp<int64_t>(score_block_bytes() / row_bytes, 1, query.size(2));
+}
+
+// Rows per block of one head for the threaded loops (2 MiB of scores ran faster than 1 MiB or
+// 512 KiB at the benchmark shapes), and every thread gets a block even with one batch entry.
+int64_t rows_per_head_block(const at::Tensor& query, const at::Tensor& key) {
+  const int64_t blocks_per_entry = ceil_div(at::get_num_threads(), query.size(0));
+  return std::min(rows_filling_a_block(query, key, /*heads=*/1),
+                  ceil_div(query.size(2), blocks_per_entry));
 }
 
 // A broadcastable (N|1, H|1, L|1, S|1) tensor's slice for batch entry n and rows [start, +length).
@@ -37,37 +52,47 @@ at::Tensor block_of(const at::Tensor& tensor, int64_t n, int64_t start, int64_t 
   return slice.size(1) == 1 ? slice : slice.narrow(1, start, length);
 }
 
+// The same for one head h: (L|1, S|1) rows.
+at::Tensor head_block_of(const at::Tensor& tensor, int64_t n, int64_t h, int64_t start,
+                         int64_t length) {
+  const auto entry = block_of(tensor, n, start, length);
+  return entry.select(0, entry.size(0) == 1 ? 0 : h);
+}
+
 // softmax(scale * q k^T + mask) of one block, (H, rows, S), zero on fully masked rows.
 at::Tensor block_probabilities(const at::Tensor& query_rows, const at::Tensor& keys_t, double scale,
-                               const MaskedRows& masked, int64_t n, int64_t start, int64_t length,
-                               bool in_place) {
+                               const MaskedRows& masked, int64_t n, int64_t start, int64_t length) {
   const auto mask = masked.mask
                         ? std::optional<at::Tensor>(block_of(*masked.mask, n, start, length))
                         : std::nullopt;
-  auto scores = scaled_scores(query_rows, keys_t, mask, scale);
-  auto probabilities =
-      in_place ? at::_softmax_out(scores, scores, -1, /*half_to_float=*/false) : scores.softmax(-1);
+  auto probabilities = scaled_scores(query_rows, keys_t, mask, scale).softmax(-1);
   if (masked.fully_masked_rows) {
-    const auto rows = block_of(*masked.fully_masked_rows, n, start, length);
     probabilities =
-        in_place ? probabilities.masked_fill_(rows, 0) : probabilities.masked_fill(rows, 0);
+        probabilities.masked_fill(block_of(*masked.fully_masked_rows, n, start, length), 0);
   }
   return probabilities;
 }
 
-// Writes the head mean of a block's (H, rows, S) probabilities into its (rows, S) weight rows.
-void average_heads_into(at::Tensor weight_rows, const at::Tensor& probabilities,
-                        const at::Tensor& head_weights) {
-  if (head_weights.defined()) {
-    // One (1, H) x (H, rows * S) GEMM reads the probabilities once and writes the mean in place.
-    auto flat_rows = weight_rows.view({1, -1});
-    at::mm_out(flat_rows, head_weights, probabilities.view({head_weights.size(1), -1}));
+// One head's block of probabilities, (rows, S), written into `scores`.
+void head_probabilities_into(at::Tensor& scores, const at::Tensor& query_rows,
+                             const at::Tensor& keys, double scale, const MaskedRows& masked,
+                             int64_t n, int64_t h, int64_t start, int64_t length) {
+  if (masked.mask) {
+    at::addmm_out(scores, head_block_of(*masked.mask, n, h, start, length), query_rows, keys.t(),
+                  /*beta=*/1, /*alpha=*/scale);
   } else {
-    at::mean_out(weight_rows, probabilities, {0});
+    // beta = 0: the GEMM never reads what the buffer held.
+    at::addmm_out(scores, scores, query_rows, keys.t(), /*beta=*/0, /*alpha=*/scale);
+  }
+  at::_softmax_out(scores, scores, -1, /*half_to_float=*/false);
+  if (masked.fully_masked_rows) {
+    scores.masked_fill_(head_block_of(*masked.fully_masked_rows, n, h, start, length), 0);
   }
 }
 
-// The forward, without autograd: each block's output and weights written straight into place.
+// The forward, without autograd. Threads take (batch entry, block of rows) units and walk every
+// head in turn with a scores buffer of their own, small enough for the cache: each GEMM and
+// softmax runs single-threaded on data at hand, and a unit owns its rows of the averaged weights.
 // The output is laid out (N, L, H, Dv), so that the batch-first head merge is a view.
 std::tuple<at::Tensor, at::Tensor> forward_blocks(const at::Tensor& query, const at::Tensor& key,
                                                   const at::Tensor& value, const MaskedRows& masked,
@@ -76,49 +101,138 @@ std::tuple<at::Tensor, at::Tensor> forward_blocks(const at::Tensor& query, const
   const int64_t heads = query.size(1);
   const int64_t target_len = query.size(2);
   const int64_t source_len = key.size(2);
-  const int64_t block_rows = rows_per_block(query, key);
+  const int64_t block_rows = rows_per_head_block(query, key);
+  const int64_t blocks_per_entry = ceil_div(target_len, block_rows);
   const double scale = softmax_scale(query);
   auto output = at::empty({batch, target_len, heads, value.size(-1)}, query.options());
   auto weights = average_heads ? at::empty({batch, target_len, source_len}, query.options())
                                : at::empty({batch, heads, target_len, source_len}, query.options());
-  // In float32 and float64 the head mean is a GEMM with 1/H weights; other dtypes keep mean's
-  // float accumulation.
-  const bool mean_by_gemm =
-      average_heads && (query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble);
-  const auto head_weights =
-      mean_by_gemm ? at::full({1, heads}, 1.0 / static_cast<double>(heads), query.options())
-                   : at::Tensor();
-  for (int64_t n = 0; n < batch; ++n) {
-    const auto keys_t = key.select(0, n).transpose(-2, -1).contiguous();  // (H, D, S)
-    const auto values = value.select(0, n).contiguous();                  // (H, S, Dv)
-    for (int64_t start = 0; start < target_len; start += block_rows) {
+  // The head sum accumulates in the weights themselves in float32/float64, else in float.
+  const bool sum_in_weights =
+      query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble;
+  const at::ThreadLocalState caller_state;  // grad and inference mode for the worker threads
+  at::parallel_for(0, batch * blocks_per_entry, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller_state);
+    auto scores_buffer = at::empty({block_rows, source_len}, query.options());
+    at::Tensor sum_buffer;
+    if (average_heads && !sum_in_weights) {
+      sum_buffer = at::empty({block_rows, source_len}, query.options().dtype(at::kFloat));
+    }
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = unit / blocks_per_entry;
+      const int64_t start = (unit % blocks_per_entry) * block_rows;
       const int64_t length = std::min(block_rows, target_len - start);
-      const auto probabilities =
-          block_probabilities(query.select(0, n).narrow(1, start, length), keys_t, scale, masked, n,
-                              start, length, /*in_place=*/true);
-      auto output_rows = output.select(0, n).narrow(0, start, length).transpose(0, 1);
-      at::bmm_out(output_rows, probabilities, values);
+      auto scores = scores_buffer.narrow(0, 0, length);
+      auto output_rows = output.select(0, n).narrow(0, start, length);
+      at::Tensor head_sum;
       if (average_heads) {
-        average_heads_into(weights.select(0, n).narrow(0, start, length), probabilities,
-                           head_weights);
-      } else {
-        weights.select(0, n).narrow(1, start, length).copy_(probabilities);
+        head_sum = sum_in_weights ? weights.select(0, n).narrow(0, start, length)
+                                  : sum_buffer.narrow(0, 0, length);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        // Per-head weights are computed in place; averaged ones go through the buffer.
+        auto probabilities =
+            average_heads ? scores : weights.select(0, n).select(0, h).narrow(0, start, length);
+        head_probabilities_into(probabilities,
+                                query.select(0, n).select(0, h).narrow(0, start, length),
+                                key.select(0, n).select(0, h), scale, masked, n, h, start, length);
+        auto output_head = output_rows.select(1, h);
+        at::mm_out(output_head, probabilities, value.select(0, n).select(0, h));
+        if (average_heads) {
+          h == 0 ? head_sum.copy_(probabilities) : head_sum.add_(probabilities);
+        }
+      }
+      if (average_heads) {
+        // Summed, then divided: the order of torch.mean.
+        head_sum.div_(heads);
+        if (!sum_in_weights) {
+          weights.select(0, n).narrow(0, start, length).copy_(head_sum);
+        }
       }
     }
-  }
+  });
   return {output.permute({0, 2, 1, 3}), weights};
 }
 
-// Accumulates a (H, S, D) gradient: in place in a plain backward, out of place when the backward
-// itself is recorded (create_graph), so every step stays differentiable.
+// The backward without recording (no create_graph). Threads take (batch entry, head) units, so a
+// unit owns its head's key and value gradients; each block of probabilities is recomputed into a
+// buffer of the thread's own. Returns the gradients of query, key and value.
+std::array<at::Tensor, 3> backward_blocks(const at::Tensor& query, const at::Tensor& key,
+                                          const at::Tensor& value, const MaskedRows& masked,
+                                          bool average_heads, const at::Tensor& grad_output,
+                                          const at::Tensor& grad_weights) {
+  const int64_t batch = query.size(0);
+  const int64_t heads = query.size(1);
+  const int64_t target_len = query.size(2);
+  const int64_t source_len = key.size(2);
+  const int64_t block_rows = rows_filling_a_block(query, key, /*heads=*/1);
+  const double scale = softmax_scale(query);
+  auto grad_query = at::empty(query.sizes(), query.options());
+  auto grad_key = at::empty(key.sizes(), key.options());
+  auto grad_value = at::empty(value.sizes(), value.options());
+  const at::ThreadLocalState caller_state;  // grad mode off for the worker threads, too
+  at::parallel_for(0, batch * heads, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller_state);
+    const auto buffer_options = query.options();
+    auto probabilities_buffer = at::empty({block_rows, source_len}, buffer_options);
+    auto grad_probabilities_buffer = at::empty({block_rows, source_len}, buffer_options);
+    auto grad_scores_buffer = at::empty({block_rows, source_len}, buffer_options);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = unit / heads;
+      const int64_t h = unit % heads;
+      const auto queries = query.select(0, n).select(0, h);  // (L, D)
+      const auto keys = key.select(0, n).select(0, h);       // (S, D)
+      const auto values = value.select(0, n).select(0, h);   // (S, Dv)
+      auto grad_keys = grad_key.select(0, n).select(0, h);
+      auto grad_values = grad_value.select(0, n).select(0, h);
+      if (!grad_output.defined()) {
+        grad_values.zero_();
+      }
+      for (int64_t start = 0; start < target_len; start += block_rows) {
+        const int64_t length = std::min(block_rows, target_len - start);
+        const double accumulated = start == 0 ? 0.0 : 1.0;  // beta: 0 overwrites the garbage
+        const auto query_rows = queries.narrow(0, start, length);
+        auto probabilities = probabilities_buffer.narrow(0, 0, length);
+        auto grad_probabilities = grad_probabilities_buffer.narrow(0, 0, length);
+        auto grad_scores = grad_scores_buffer.narrow(0, 0, length);
+        head_probabilities_into(probabilities, query_rows, keys, scale, masked, n, h, start,
+                                length);
+        // d loss / d probabilities, from the output (P V) and from the returned weights.
+        if (grad_output.defined()) {
+          const auto grad_output_rows =
+              grad_output.select(0, n).select(0, h).narrow(0, start, length);
+          at::mm_out(grad_probabilities, grad_output_rows, values.t());
+          at::addmm_out(grad_values, grad_values, probabilities.t(), grad_output_rows,
+                        /*beta=*/accumulated);
+        }
+        if (grad_weights.defined()) {
+          const auto rows = average_heads
+                                ? grad_weights.select(0, n).narrow(0, start, length)
+                                : grad_weights.select(0, n).select(0, h).narrow(0, start, length);
+          const double share = average_heads ? 1.0 / static_cast<double>(heads) : 1.0;
+          if (grad_output.defined()) {
+            grad_probabilities.add_(rows, share);
+          } else {
+            at::mul_out(grad_probabilities, rows, at::scalar_tensor(share, rows.options()));
+          }
+        }
+        // P * (dP - rowsum(P * dP)); fully masked rows have P = 0, so 0.
+        at::_softmax_backward_data_out(grad_scores, grad_probabilities, probabilities, -1,
+                                       probabilities.scalar_type());
+        auto grad_query_rows = grad_query.select(0, n).select(0, h).narrow(0, start, length);
+        at::addmm_out(grad_query_rows, grad_query_rows, grad_scores, keys, /*beta=*/0,
+                      /*alpha=*/scale);
+        at::addmm_out(grad_keys, grad_keys, grad_scores.t(), query_rows, /*beta=*/accumulated,
+                      /*alpha=*/scale);
+      }
+    }
+  });
+  return {grad_query, grad_key, grad_value};
+}
+
+// Accumulates a (H, S, D) gradient out of place, so every step stays differentiable.
 void accumulate(std::optional<at::Tensor>& total, const at::Tensor& left, const at::Tensor& right) {
-  if (!total) {
-    total = at::matmul(left, right);
-  } else if (at::GradMode::is_enabled()) {
-    total = at::baddbmm(*total, left, right);
-  } else {
-    total->baddbmm_(left, right);
-  }
+  total = total ? at::baddbmm(*total, left, right) : at::matmul(left, right);
 }
 
 struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
@@ -149,11 +263,16 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
     if (!grad_output.defined() && !grad_weights.defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
+    if (!at::GradMode::is_enabled()) {
+      auto [grad_query, grad_key, grad_value] =
+          backward_blocks(query, key, value, masked, average_heads, grad_output, grad_weights);
+      return {grad_query, grad_key, grad_value, at::Tensor(), at::Tensor()};
+    }
+    // Recorded (create_graph): ATen ops on blocks of every head, so the backward has a backward.
     const double scale = softmax_scale(query);
     const int64_t heads = query.size(1);
     const int64_t target_len = query.size(2);
-    const int64_t block_rows = rows_per_block(query, key);
-    const bool in_place = !at::GradMode::is_enabled();
+    const int64_t block_rows = rows_filling_a_block(query, key, heads);
 
     std::vector<at::Tensor> grad_query, grad_key, grad_value;
     for (int64_t n = 0; n < query.size(0); ++n) {
@@ -167,7 +286,7 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
         const int64_t length = std::min(block_rows, target_len - start);
         const auto query_rows = query.select(0, n).narrow(1, start, length);
         const auto probabilities =
-            block_probabilities(query_rows, keys_t, scale, masked, n, start, length, in_place);
+            block_probabilities(query_rows, keys_t, scale, masked, n, start, length);
         // d loss / d probabilities, from the output (P V) and from the returned weights.
         at::Tensor grad_probabilities;
         at::Tensor grad_output_rows;
@@ -203,8 +322,9 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
 }  // namespace
 
 bool scores_outgrow_a_block(const at::Tensor& query, const at::Tensor& key) {
+  // Four blocks (8 MiB by default): below that the unblocked path's fewer calls win.
   return query.size(0) * query.size(1) * query.size(2) * key.size(2) * query.element_size() >
-         score_block_bytes();
+         4 * score_block_bytes();
 }
 
 std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(const at::Tensor& query,

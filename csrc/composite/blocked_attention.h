@@ -15,8 +15,8 @@ struct MaskedRows {
   std::optional<at::Tensor> fully_masked_rows;  // (.., L, 1), true where every key is masked
 };
 
-// True when the (N, H, L, S) scores outgrow one block (TORCHMHA_SCORE_BLOCK_BYTES, default
-// 8 MiB), the size from which blocks pay off.
+// True when the (N, H, L, S) scores outgrow four blocks of one head's scores
+// (TORCHMHA_SCORE_BLOCK_BYTES, default 2 MiB), the size from which blocks pay off.
 bool scores_outgrow_a_block(const at::Tensor& query, const at::Tensor& key);
 
 // The output (N, H, L, Dv) and weights ((N, L, S) averaged over heads, or (N, H, L, S)).

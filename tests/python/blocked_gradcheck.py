@@ -13,8 +13,8 @@ BATCH, TARGET_LEN, SOURCE_LEN, EMBED_DIM, NUM_HEADS = 2, 7, 5, 4, 2
 
 def main(case: str) -> None:
     torch.manual_seed(0)
-    row_bytes = NUM_HEADS * SOURCE_LEN * 8
-    rows = max(1, 96 // row_bytes)
+    # A block holds one head's scores for `rows` query rows.
+    rows = max(1, 96 // (SOURCE_LEN * 8))
     print(f"blocks per batch entry: {-(-TARGET_LEN // rows)}")
 
     def parameter(*shape):

@@ -1,6 +1,6 @@
 """``need_weights=True`` on the CPU with large scores: computed in blocks of query rows.
 
-When the scores outgrow one block (8 MiB), the op computes ``need_weights=True`` on the CPU block
+When the scores outgrow 8 MiB, the op computes ``need_weights=True`` on the CPU block
 by block, with the softmax in place, and its backward recomputes each block. These shapes make
 several blocks per batch entry, including a short last one, and the result must equal
 ``torch.nn.MultiheadAttention`` in float64: outputs and weights, averaged and per head, with 2-D,
@@ -19,8 +19,17 @@ from torch import nn
 import torchmha
 
 F64 = torch.float64
-# 16 KiB of float64 scores per query row (2 heads x 1024 keys): 512 rows a block, 3 blocks.
+# 8 KiB of float64 scores per query row and head (1024 keys): 256 rows a 2 MiB block, 5 blocks.
 BATCH, TARGET_LEN, SOURCE_LEN, EMBED_DIM, NUM_HEADS = 2, 1100, 1024, 8, 2
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """The blocked path spreads its blocks over the intra-op threads: two, so that it does."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 def modules(**kwargs):
@@ -70,7 +79,7 @@ def test_blocked_weights_self_attention_with_bias_kv():
 
 
 def test_blocked_weights_fully_masked_rows_attend_to_nothing():
-    """Rows 3 and 700 (in the first and the second block) of batch entry 1 see no key."""
+    """Rows 3 and 700 (in the first and the third block) of batch entry 1 see no key."""
     reference, ours = modules()
     query = torch.randn(BATCH, TARGET_LEN, EMBED_DIM, dtype=F64)
     memory = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)
@@ -185,3 +194,28 @@ def test_head_layout_copies_without_autograd_equal_with_autograd(dtype, batch_fi
     for got, want, via_plain_copy in zip(words, expected, plain):
         torch.testing.assert_close(got, via_plain_copy.detach(), rtol=0, atol=0)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_blocked_unbatched_splits_rows_across_threads(average):
+    """One (unbatched) entry: its blocks of query rows are spread over the threads in the forward,
+    its heads in the backward, and 2201 rows leave a short last block. Equal to PyTorch in
+    float64."""
+    reference, ours = modules()
+    reference.train()
+    ours.train()
+    query = torch.randn(2 * TARGET_LEN + 1, EMBED_DIM, dtype=F64)
+    memory = torch.randn(SOURCE_LEN, EMBED_DIM, dtype=F64)
+    padding = torch.rand(SOURCE_LEN, generator=torch.Generator().manual_seed(2)) < 0.3
+    results = {}
+    for name, module in (("torch", reference), ("ours", ours)):
+        q = query.clone().requires_grad_(True)
+        m = memory.clone().requires_grad_(True)
+        output, weights = module(q, m, m, key_padding_mask=padding, average_attn_weights=average)
+        if module is ours:
+            blocked = weights.grad_fn.next_functions[0][0]  # under the unbatched squeeze
+            assert "BlockedAttention" in blocked.name(), "the blocked path was not taken"
+        (output.sum() + weights.pow(2).sum() * 1e3).backward()
+        results[name] = (output, weights, q.grad, m.grad, module.in_proj_weight.grad)
+    for got, want in zip(results["ours"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

@@ -417,7 +417,10 @@ def _header(machine: dict, peaks: dict, args) -> str:
         + f". Median of {args.rounds} rounds; x torch = torch.nn.MultiheadAttention's time "
         "(its faster setting; its need_weights=True path for candidates that return weights) "
         "divided by the candidate's; x chapter likewise for the chapter's module. In the goals, "
-        "'rounds' gives the smallest and largest of the same ratio taken round by round."
+        "'rounds' gives the smallest and largest of the same ratio taken round by round, and "
+        "'bound' the ratio at 100 % of the measured GEMM peak (the reference's time over the "
+        "time the case's FLOPs take at that peak): above it, a goal needs the same arithmetic "
+        "done faster than the measured GEMM rate."
     )
 
 

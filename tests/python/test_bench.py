@@ -95,3 +95,23 @@ def test_report_from_saved_timings_reproduces_the_report(quick_run, tmp_path):
     assert (tmp_path / "again.md").read_text() == markdown.replace(
         "# Benchmark: quick", "# Benchmark: again"
     )
+
+
+def test_goal_bound_is_the_reference_time_over_the_time_at_gemm_peak():
+    """Each goal states the ratio's bound at the GEMM peak: PyTorch's time over the time the
+    case's FLOPs take at the measured peak (not the candidate's measured ratio)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
+    import report
+
+    shape = (8, 512, 512, 8)
+    case = ("float32", shape, "inference")
+    rows = [
+        {"candidate": name, "median_ms": ms, "samples_ms": [ms], "case": case, "dtype": "float32",
+         "shape": shape, "batch": 8, "seq": 512, "embed": 512, "heads": 8, "mode": "inference"}
+        for name, ms in (("torch_mha", 180.0), ("torch_mha_weights", 190.0), ("torchmha", 130.0))
+    ]  # fmt: skip
+    peak_tflops = 0.1
+    report.add_ratios(rows, {"torch_mha_weights"}, peak_tflops)
+    at_peak_ms = report.forward_flops(8, 512, 512) / (peak_tflops * 1e9)
+    line = next(g for g in report.goals(rows, "cpu") if g.startswith("- Inference vs"))
+    assert f"1.38x (rounds 1.38-1.38; bound {180.0 / at_peak_ms:.2f}x)" in line, line

@@ -35,13 +35,6 @@ at::Tensor scaled_scores(const at::Tensor& query, const at::Tensor& key_t,
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            std::optional<at::Tensor> mask, double dropout_p, bool is_causal);
 
-// True when attention_with_weights computes on the CPU block by block: a concrete CPU query, no
-// dropout, a mask without grad and (N, H, L, S) scores beyond 8 MiB. The blocks read q, k and v
-// as strided views, so the projections need not be copied head by head for them.
-bool weights_in_cpu_blocks(const at::Tensor& query, int64_t batch, int64_t heads,
-                           int64_t target_len, int64_t source_len, double dropout_p,
-                           const std::optional<at::Tensor>& mask);
-
 // The attention output and the attention probabilities, (N, H, L, S), or averaged over heads,
 // (N, L, S). With dropout, the returned weights are the dropped-out probabilities that made the
 // output, as in PyTorch.

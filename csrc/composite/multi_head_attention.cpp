@@ -106,19 +106,6 @@ at::Tensor append_bias(const at::Tensor& heads, const at::Tensor& bias, int64_t 
   return at::cat({heads, bias.reshape({1, num_heads, 1, -1}).expand_symint(shape)}, 2);
 }
 
-// Whether attention_with_weights will take the CPU's blocks, judged before the projections.
-bool weights_in_cpu_blocks(const Arguments& args, const std::optional<at::Tensor>& mask,
-                           int64_t appended_keys, double dropout_p) {
-  if (!args.need_weights || !is_concrete(args.query) || !is_concrete(args.key)) {
-    return false;
-  }
-  const int64_t seq_dim = args.sequence_dim();
-  const int64_t batch = args.is_batched() ? args.query.size(1 - seq_dim) : 1;
-  return composite::weights_in_cpu_blocks(args.query, batch, args.num_heads,
-                                          args.query.size(seq_dim),
-                                          args.key.size(seq_dim) + appended_keys, dropout_p, mask);
-}
-
 std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
     const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
@@ -157,7 +144,25 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   const auto as_batched = [batched](const at::Tensor& t) { return batched ? t : t.unsqueeze(0); };
   const bool layout_batch_first = args.is_batch_first();
 
-  const int64_t appended_keys = (given(bias_k) ? 1 : 0) + (add_zero_attn ? 1 : 0);
+  // The weights path multiplies heads in batched GEMMs, which want each head contiguous; SDPA
+  // takes the projections' strided views as they are.
+  Heads heads = args.has_packed_weight()
+                    ? project_packed(args, as_batched(query), as_batched(key), as_batched(value),
+                                     /*head_major=*/need_weights)
+                    : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
+
+  int64_t appended_keys = 0;
+  if (given(bias_k)) {
+    heads.key = append_bias(heads.key, *bias_k, num_heads);
+    heads.value = append_bias(heads.value, *bias_v, num_heads);
+    ++appended_keys;
+  }
+  if (add_zero_attn) {
+    // One all-zero key and value position, appended along the sequence.
+    heads.key = at::constant_pad_nd(heads.key, {0, 0, 0, 1}, 0);
+    heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
+    ++appended_keys;
+  }
 
   // PyTorch's rule: the causal hint replaces a given mask unless padding or weights need the
   // mask. Without a mask, appended keys (bias_k, zero key) stay visible to every query, as they
@@ -175,24 +180,6 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   }
   auto mask = merged_additive_mask(args, effective_attn_mask, appended_keys);
   const double dropout = training ? dropout_p : 0.0;
-
-  // The weights path multiplies heads in batched GEMMs, which want each head contiguous; SDPA
-  // and the CPU's blocks take the projections' strided views as they are.
-  const bool head_major =
-      need_weights && !weights_in_cpu_blocks(args, mask, appended_keys, dropout);
-  Heads heads =
-      args.has_packed_weight()
-          ? project_packed(args, as_batched(query), as_batched(key), as_batched(value), head_major)
-          : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
-  if (given(bias_k)) {
-    heads.key = append_bias(heads.key, *bias_k, num_heads);
-    heads.value = append_bias(heads.value, *bias_v, num_heads);
-  }
-  if (add_zero_attn) {
-    // One all-zero key and value position, appended along the sequence.
-    heads.key = at::constant_pad_nd(heads.key, {0, 0, 0, 1}, 0);
-    heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
-  }
 
   at::Tensor attended;
   at::Tensor weights;

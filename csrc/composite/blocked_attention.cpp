@@ -209,11 +209,13 @@ std::array<at::Tensor, 3> backward_blocks(const at::Tensor& query, const at::Ten
           const auto rows = average_heads
                                 ? grad_weights.select(0, n).narrow(0, start, length)
                                 : grad_weights.select(0, n).select(0, h).narrow(0, start, length);
-          const double share = average_heads ? 1.0 / static_cast<double>(heads) : 1.0;
           if (grad_output.defined()) {
-            grad_probabilities.add_(rows, share);
+            grad_probabilities.add_(rows, average_heads ? 1.0 / static_cast<double>(heads) : 1.0);
           } else {
-            at::mul_out(grad_probabilities, rows, at::scalar_tensor(share, rows.options()));
+            grad_probabilities.copy_(rows);
+            if (average_heads) {
+              grad_probabilities.div_(heads);  // in float, as the mean's own backward
+            }
           }
         }
         // P * (dP - rowsum(P * dP)); fully masked rows have P = 0, so 0.

@@ -72,6 +72,29 @@ TEST(Forward, BackwardMatchesLibTorch) {
   }
 }
 
+// Scores of 19 MB take the CPU's blocked weights path: blocks of query rows spread over the
+// intra-op threads in the forward, heads over the threads in the backward.
+TEST(Forward, LargeScoresWithWeightsMatchLibTorchForwardAndBackward) {
+  auto [ours, reference] = make_pair(8, 2);
+  const auto x = torch::randn({1100, 1, 8}, torch::kFloat64);
+  const auto x_ours = x.clone().requires_grad_();
+  const auto x_reference = x.clone().requires_grad_();
+  const auto [output, weights] = ours(x_ours, x_ours, x_ours);
+  const auto [expected_output, expected_weights] = reference(x_reference, x_reference, x_reference);
+  ASSERT_NE(weights.grad_fn()->name().find("BlockedAttention"), std::string::npos)
+      << "the blocked path was not taken: " << weights.grad_fn()->name();
+  expect_close(output, expected_output, kFloat64Tolerance);
+  expect_close(weights, expected_weights, kFloat64Tolerance);
+  (output.sum() + weights.pow(2).sum()).backward();
+  (expected_output.sum() + expected_weights.pow(2).sum()).backward();
+  expect_close(x_ours.grad(), x_reference.grad(), kFloat64Tolerance);
+  auto reference_parameters = reference->named_parameters();
+  for (const auto& parameter : ours->named_parameters()) {
+    expect_close(parameter.value().grad(), reference_parameters[parameter.key()].grad(),
+                 kFloat64Tolerance);
+  }
+}
+
 TEST(Forward, NeedWeightsFalseGivesUndefinedWeightsAndTheSameOutput) {
   auto [ours, reference] = make_pair(16, 4);
   const auto x = torch::randn({5, 3, 16}, torch::kFloat64);

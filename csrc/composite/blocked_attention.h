@@ -1,8 +1,8 @@
 #pragma once
 
-// Attention with weights on the CPU, a block of query rows at a time, so the scores never exist
-// whole: each block's scores stay small enough for the allocator to reuse (no fresh pages to
-// fault in per call) and for the cache. Shapes as in attention.h.
+// Attention with weights on the CPU, one head's block of query rows at a time, so the scores
+// never exist whole: each thread computes its blocks in a buffer of its own that the cache holds
+// (no fresh pages to fault in per call). Shapes as in attention.h.
 #include <ATen/core/Tensor.h>
 
 #include <optional>

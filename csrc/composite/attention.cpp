@@ -102,6 +102,13 @@ at::Tensor contiguous_in_words(const at::Tensor& tensor) {
   return tensor.view(at::kLong).contiguous().view(tensor.scalar_type());
 }
 
+bool weights_in_cpu_blocks(const at::Tensor& query, int64_t score_elements, double dropout_p,
+                           const std::optional<at::Tensor>& mask) {
+  return query.device().is_cpu() && is_concrete(query) && dropout_p == 0.0 &&
+         !(mask && mask->requires_grad()) &&
+         scores_outgrow_a_block(score_elements, query.element_size());
+}
+
 double softmax_scale(const at::Tensor& query) {
   const int64_t head_dim = query.sym_size(-1).guard_int(__FILE__, __LINE__);
   return 1.0 / std::sqrt(static_cast<double>(head_dim));
@@ -132,11 +139,12 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
   const MaskedRows fix = fix_fully_masked_rows(mask);
 
   // On the CPU, large scores go block by block (any other case composes ATen ops directly).
-  const bool mask_needs_grad = fix.mask && fix.mask->requires_grad();
-  if (concrete && dropout_p == 0.0 && query.device().is_cpu() && !mask_needs_grad &&
-      scores_outgrow_a_block(query, key)) {
+  if (concrete &&
+      weights_in_cpu_blocks(query, query.size(0) * query.size(1) * query.size(2) * key.size(2),
+                            dropout_p, fix.mask)) {
     return blocked_attention_with_weights(query, key, value, fix, average_heads);
   }
+  const bool mask_needs_grad = fix.mask && fix.mask->requires_grad();
   if (weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {
     // Scores with the unfixed mask: a fully masked row is all -inf, which adds zero weight.
     auto weights = head_mean_softmax(head_scores(query, key, mask));

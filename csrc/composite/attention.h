@@ -35,6 +35,12 @@ at::Tensor scaled_scores(const at::Tensor& query, const at::Tensor& key_t,
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            std::optional<at::Tensor> mask, double dropout_p, bool is_causal);
 
+// True when attention_with_weights computes on the CPU block by block (blocked_attention.h): a
+// concrete CPU query, no dropout, a mask without grad and (N, H, L, S) scores of `score_elements`
+// beyond four blocks. Judged from sizes, so the op can lay out the projections before making them.
+bool weights_in_cpu_blocks(const at::Tensor& query, int64_t score_elements, double dropout_p,
+                           const std::optional<at::Tensor>& mask);
+
 // The attention output and the attention probabilities, (N, H, L, S), or averaged over heads,
 // (N, L, S). With dropout, the returned weights are the dropped-out probabilities that made the
 // output, as in PyTorch.

@@ -323,10 +323,9 @@ struct BlockedAttention : public torch::autograd::Function<BlockedAttention> {
 
 }  // namespace
 
-bool scores_outgrow_a_block(const at::Tensor& query, const at::Tensor& key) {
+bool scores_outgrow_a_block(int64_t score_elements, int64_t element_size) {
   // Four blocks (8 MiB by default): below that the unblocked path's fewer calls win.
-  return query.size(0) * query.size(1) * query.size(2) * key.size(2) * query.element_size() >
-         4 * score_block_bytes();
+  return score_elements * element_size > 4 * score_block_bytes();
 }
 
 std::tuple<at::Tensor, at::Tensor> blocked_attention_with_weights(const at::Tensor& query,

@@ -15,9 +15,9 @@ struct MaskedRows {
   std::optional<at::Tensor> fully_masked_rows;  // (.., L, 1), true where every key is masked
 };
 
-// True when the (N, H, L, S) scores outgrow four blocks of one head's scores
+// True when (N, H, L, S) scores of that many elements outgrow four blocks of one head's scores
 // (TORCHMHA_SCORE_BLOCK_BYTES, default 2 MiB), the size from which blocks pay off.
-bool scores_outgrow_a_block(const at::Tensor& query, const at::Tensor& key);
+bool scores_outgrow_a_block(int64_t score_elements, int64_t element_size);
 
 // The output (N, H, L, Dv) and weights ((N, L, S) averaged over heads, or (N, H, L, S)).
 // Differentiable in query, key and value (to any order: the backward is made of ATen ops and

@@ -106,6 +106,39 @@ at::Tensor append_bias(const at::Tensor& heads, const at::Tensor& bias, int64_t 
   return at::cat({heads, bias.reshape({1, num_heads, 1, -1}).expand_symint(shape)}, 2);
 }
 
+// A head's keys spanning more bytes than this in the packed projection are copied head-major
+// for the CPU's blocks: there their GEMMs slowed by more than the copy costs (TLB and cache
+// reach; scripts/bench/NOTES.md has the figures).
+constexpr int64_t kMaxKeySpanReadInPlace = int64_t{8} << 20;
+
+// Whether the weights path reads q, k and v as views of the packed projection instead of one
+// head-major copy: where the CPU's blocks take them (each head's GEMMs read strided rows as they
+// are) and a head's keys lie close enough together. The batched GEMMs of every other weights
+// path want each head contiguous.
+bool weights_read_projection_in_place(const Arguments& args, const std::optional<at::Tensor>& mask,
+                                      int64_t appended_keys, double dropout_p) {
+  if (!args.need_weights || !is_concrete(args.query) || !is_concrete(args.key)) {
+    return false;
+  }
+  const int64_t seq_dim = args.sequence_dim();
+  const int64_t batch = args.is_batched() ? args.query.size(1 - seq_dim) : 1;
+  const int64_t target_len = args.query.size(seq_dim);
+  const int64_t source_len = args.key.size(seq_dim) + appended_keys;
+  if (!weights_in_cpu_blocks(args.query, batch * args.num_heads * target_len * source_len,
+                             dropout_p, mask)) {
+    return false;
+  }
+  // One key row to the next: a projection row (q, k and v side by side when packed), times the
+  // batch when the sequence comes first.
+  const int64_t embed_dim = args.query.size(-1);
+  const int64_t packed_rows = args.query.is_same(args.key) && args.key.is_same(args.value) ? 3
+                              : args.key.is_same(args.value)                               ? 2
+                                                                                           : 1;
+  const int64_t row_bytes =
+      packed_rows * embed_dim * (args.is_batch_first() ? 1 : batch) * args.query.element_size();
+  return source_len * row_bytes <= kMaxKeySpanReadInPlace;
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
     const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
@@ -144,25 +177,7 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   const auto as_batched = [batched](const at::Tensor& t) { return batched ? t : t.unsqueeze(0); };
   const bool layout_batch_first = args.is_batch_first();
 
-  // The weights path multiplies heads in batched GEMMs, which want each head contiguous; SDPA
-  // takes the projections' strided views as they are.
-  Heads heads = args.has_packed_weight()
-                    ? project_packed(args, as_batched(query), as_batched(key), as_batched(value),
-                                     /*head_major=*/need_weights)
-                    : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
-
-  int64_t appended_keys = 0;
-  if (given(bias_k)) {
-    heads.key = append_bias(heads.key, *bias_k, num_heads);
-    heads.value = append_bias(heads.value, *bias_v, num_heads);
-    ++appended_keys;
-  }
-  if (add_zero_attn) {
-    // One all-zero key and value position, appended along the sequence.
-    heads.key = at::constant_pad_nd(heads.key, {0, 0, 0, 1}, 0);
-    heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
-    ++appended_keys;
-  }
+  const int64_t appended_keys = (given(bias_k) ? 1 : 0) + (add_zero_attn ? 1 : 0);
 
   // PyTorch's rule: the causal hint replaces a given mask unless padding or weights need the
   // mask. Without a mask, appended keys (bias_k, zero key) stay visible to every query, as they
@@ -180,6 +195,23 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   }
   auto mask = merged_additive_mask(args, effective_attn_mask, appended_keys);
   const double dropout = training ? dropout_p : 0.0;
+
+  // SDPA takes the projections' strided views as they are; so do the CPU's blocks, mostly.
+  const bool head_major =
+      need_weights && !weights_read_projection_in_place(args, mask, appended_keys, dropout);
+  Heads heads =
+      args.has_packed_weight()
+          ? project_packed(args, as_batched(query), as_batched(key), as_batched(value), head_major)
+          : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
+  if (given(bias_k)) {
+    heads.key = append_bias(heads.key, *bias_k, num_heads);
+    heads.value = append_bias(heads.value, *bias_v, num_heads);
+  }
+  if (add_zero_attn) {
+    // One all-zero key and value position, appended along the sequence.
+    heads.key = at::constant_pad_nd(heads.key, {0, 0, 0, 1}, 0);
+    heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
+  }
 
   at::Tensor attended;
   at::Tensor weights;

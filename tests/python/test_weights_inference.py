@@ -219,3 +219,58 @@ def test_blocked_unbatched_splits_rows_across_threads(average):
         results[name] = (output, weights, q.grad, m.grad, module.in_proj_weight.grad)
     for got, want in zip(results["ours"], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def head_major_copies(module, *inputs):
+    """Runs the module under the profiler and returns the 5-D copies made: the one head-major copy
+    of the packed (N, L, n, H, D) projection is the only one."""
+    with torch.profiler.profile(record_shapes=True) as profile:
+        module(*inputs)
+    return [
+        event.input_shapes[0]
+        for event in profile.events()
+        if event.name == "aten::contiguous" and len(event.input_shapes[0]) == 5
+    ]
+
+
+@pytest.mark.parametrize(
+    "layout, head_major",
+    [
+        # Keys 256 B apart in the packed projection (1024 rows: 256 KiB): read in place.
+        ("batch_first", False),
+        # Sequence-first with 128 entries: keys 16 KiB apart (16 MiB): copied head-major first.
+        ("sequence_first", True),
+    ],
+)
+def test_blocked_reads_close_keys_in_place_and_copies_far_ones(layout, head_major):
+    """The CPU's blocks read q, k and v as views of the packed projection where a head's keys lie
+    within 8 MiB, and take one head-major copy beyond; both equal PyTorch in float64, forward and
+    backward."""
+    batch_first = layout == "batch_first"
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(EMBED_DIM, NUM_HEADS, batch_first=batch_first, dtype=F64)
+    ours = torchmha.MultiHeadAttention(EMBED_DIM, NUM_HEADS, batch_first=batch_first, dtype=F64)
+    ours.load_state_dict(reference.state_dict())
+    batch, target_len = (BATCH, TARGET_LEN) if batch_first else (128, 16)
+    query = torch.randn(batch, target_len, EMBED_DIM, dtype=F64)
+    memory = torch.randn(batch, SOURCE_LEN, EMBED_DIM, dtype=F64)
+    if not batch_first:
+        query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+    with torch.inference_mode():
+        copies = head_major_copies(ours.eval(), query, memory, memory)
+        expected = reference.eval()(query, memory, memory)
+        actual = ours(query, memory, memory)
+    assert len(copies) == (1 if head_major else 0), copies
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+    results = {}
+    for name, module in (("torch", reference.train()), ("ours", ours.train())):
+        q = query.clone().requires_grad_(True)
+        m = memory.clone().requires_grad_(True)
+        output, weights = module(q, m, m)
+        if module is ours:
+            assert "BlockedAttention" in weights.grad_fn.name(), "the blocked path was not taken"
+        (output.sum() + weights.pow(2).sum() * 1e3).backward()
+        results[name] = (q.grad, m.grad, module.in_proj_weight.grad)
+    for got, want in zip(results["ours"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

@@ -215,6 +215,10 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
         )
         with grad_context():
             for name in rotated:
+                # One untimed call first: the timed ones then find the memory this candidate
+                # frees, not what the one before it left (fresh pages cost 30-60 % at some CPU
+                # shapes, scripts/bench/NOTES.md).
+                steps[name]()
                 samples[name].append(timing.milliseconds_per_call(steps[name], device, calls[name]))
         if use_cpp and device.type == "cpu":
             # On the CPU a fresh process every round, so it shares the round's machine load.

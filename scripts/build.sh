@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Python extension in place and the CMake tree (libtorchmha, tests, example) in build/.
-# Incremental: only what changed is compiled again.
+# Builds the Python extension in place and the CMake tree (libtorchmha, tests, demo, benchmark
+# loop) in build/. Incremental: only what changed is compiled again.
+# Usage: scripts/build.sh [CMake targets]   (every target when none is named)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +24,8 @@ echo "build: CMake tree in build/"
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
 cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
   -DTORCHMHA_PYTHON="$PWD/.venv/bin/python" >/dev/null
-cmake --build build
+if (($#)); then
+  cmake --build build --target "$@"
+else
+  cmake --build build
+fi

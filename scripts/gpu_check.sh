@@ -2,8 +2,8 @@
 # The GPU check, for a machine with CUDA and PyTorch already installed (no network needed):
 # builds the extension from source against that PyTorch, runs every Python test (the CUDA ones
 # included), builds the C++ timing loop (in the background, meanwhile) and runs the GPU
-# benchmark (scripts/bench.py --device cuda), then profiles the cases furthest from their goals
-# (scripts/bench/profile.py, appended to bench.log).
+# benchmark (scripts/bench/bench.py --device cuda), then profiles the cases furthest from their goals
+# (scripts/bench/profile_call.py, appended to bench.log).
 #
 # Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench] [profile]   (all when none is named)
 # TORCHMHA_COMMIT=<commit> labels the results where the copy's .git is not the tree's.
@@ -81,7 +81,7 @@ if [[ $steps == *bench* ]]; then
     cpp_bench=/nonexistent
   fi
   echo "gpu_check: benchmark"
-  if timeout "${BENCH_TIMEOUT_S:-300}" "$PYTHON" scripts/bench.py --device cuda \
+  if timeout "${BENCH_TIMEOUT_S:-300}" "$PYTHON" scripts/bench/bench.py --device cuda \
       --rounds "${BENCH_ROUNDS:-3}" --target-ms 50 --cpp-bench "$cpp_bench" --out "$OUT/bench" \
       2>&1 | tee "$OUT/bench.log"; then
     grep -A20 "^Goals, as measured" "$OUT/bench.log" >>"$summary"
@@ -97,7 +97,7 @@ if [[ $steps == *profile* ]]; then
     "bfloat16 8,1024,1024,16 inference torchmha_weights,torch_mha_weights" \
     "float32 8,1024,1024,16 training torchmha,torch_mha,torch_mha_weights"; do
     read -r dtype shape mode candidates <<<"$case"
-    timeout 120 "$PYTHON" scripts/bench/profile.py --device cuda --dtype "$dtype" --shape "$shape" \
+    timeout 120 "$PYTHON" scripts/bench/profile_call.py --device cuda --dtype "$dtype" --shape "$shape" \
       --mode "$mode" --candidates "$candidates" >>"$OUT/bench.log" 2>&1
   done
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C++ tests with AddressSanitizer + UndefinedBehaviorSanitizer (in build-asan/) and the
 # concurrency test with ThreadSanitizer (in build-tsan/), runs them, and fails on any report.
-# LibTorch itself is not instrumented; scripts/sanitizers/lsan.supp, the only suppression file,
+# LibTorch itself is not instrumented; tests/sanitizers/lsan.supp, the only suppression file,
 # names only LibTorch internals, each with its reason.
 #
 # Usage: scripts/sanitize.sh [asan|tsan]   (both when no argument is given)
@@ -15,7 +15,7 @@ if [[ -d /usr/lib/ccache ]]; then
   export PATH=/usr/lib/ccache:$PATH CCACHE_NOHASHDIR=1 CCACHE_BASEDIR=$PWD
 fi
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
-suppressions=$PWD/scripts/sanitizers
+suppressions=$PWD/tests/sanitizers
 
 # configure_and_build DIR SANITIZERS TEST_SOURCES_GLOB
 configure_and_build() {

@@ -4,8 +4,6 @@ Each candidate is a function that runs one forward (inference) or one forward + 
 (training). The C++ candidates (pure C++ loop, LibTorch's module) live in bench_cpp.cpp.
 """
 
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Dict
 
@@ -13,10 +11,7 @@ import torch
 from torch import nn
 
 import torchmha
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "python"))
-from textbook_reference import ChapterMultiHeadAttention  # noqa: E402  (the chapter's own code)
-from textbook_weights import pytorch_to_textbook  # noqa: E402
+from torchmha.testing import ChapterMultiHeadAttention, pytorch_to_textbook
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Turns benchmark measurements into ratios, a Markdown table, the goals as measured, and a plot."""
 
+import json
+import os
 from typing import Dict, List, Optional
 
 TORCH_BEST = "torch_mha"
@@ -89,78 +91,102 @@ def peak_bound(ratio: float, row: dict) -> float:
     return ratio / row["fraction_of_gemm_peak"]
 
 
-def goals(rows: List[dict], device: str) -> List[str]:
-    """The performance goals, each stated with what was measured (never asserted), and with the
-    ratio's bound at the GEMM peak (``peak_bound``)."""
-    lines = []
+GOALS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goals.json")
+
+
+def load_goals(path: str = GOALS_FILE) -> List[dict]:
+    """The performance goals: one entry each, ``kind`` says how it is measured (goals.json)."""
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _workload(shape: tuple) -> int:
+    batch, seq, embed, _ = shape
+    return batch * seq * seq * embed
+
+
+def goals(rows: List[dict], device: str, table: Optional[List[dict]] = None) -> List[str]:
+    """The performance goals of ``table`` (goals.json when None) that apply to ``device``, each
+    stated with what was measured (never asserted), and with the ratio's bound at the GEMM peak
+    (``peak_bound``)."""
     cases = sorted(
         {(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2])
     )
+    measure = {
+        "x_torch": _x_torch_goal,
+        "x_libtorch": _x_libtorch_goal,
+        "gemm_fraction": _gemm_fraction_goal,
+        "cpp_below_python": _cpp_below_python_goal,
+    }
+    lines = []
+    for goal in load_goals() if table is None else table:
+        if device in goal.get("devices", [device]):
+            lines.extend(measure[goal["kind"]](goal, rows, cases, device))
+    return lines
 
-    def ratio_line(title, candidate, mode, threshold, selected):
-        measured = []
-        for dtype, shape in selected:
-            row = _find(rows, candidate, mode, shape, dtype)
-            if row and row.get("x_torch") is not None:
-                spread = row.get("x_torch_rounds")
-                rounds = f"rounds {min(spread):.2f}-{max(spread):.2f}; " if spread else ""
-                bound = peak_bound(row["x_torch"], row)
-                text = f"{dtype} {shape}: {row['x_torch']:.2f}x ({rounds}bound {bound:.2f}x)"
-                measured.append((text, row["x_torch"]))
-        if not measured:
-            return
-        met = all(ratio >= threshold for _, ratio in measured)
-        lines.append(
-            f"- {title} (goal >= {threshold}x): {'met' if met else 'NOT met'}; "
-            + ", ".join(text for text, _ in measured)
-        )
 
-    ratio_line("Inference vs torch.nn.MultiheadAttention", "torchmha", "inference", 1.0, cases)
-    if device == "cpu":
-        long_cases = [c for c in cases if c[1][1] >= 512]
-        ratio_line("Inference at seq >= 512", "torchmha", "inference", 1.5, long_cases)
-    ratio_line("Training step vs torch.nn.MultiheadAttention", "torchmha", "training", 1.15, cases)
-    for mode in ("inference", "training"):
-        ratio_line(
-            f"need_weights=True, {mode}, vs PyTorch's need_weights=True",
-            "torchmha_weights",
-            mode,
-            1.3,
-            cases,
-        )
-    largest = sorted({c[1] for c in cases}, key=lambda s: s[0] * s[1] * s[1] * s[2])[-2:]
-    for mode in ("inference", "training"):
-        measured = []
-        for dtype, shape in cases:
-            ours = _find(rows, "torchmha", mode, shape, dtype)
-            theirs = _find(rows, "libtorch_mha", mode, shape, dtype)
-            if shape in largest and ours and theirs:
-                ratio = theirs["median_ms"] / ours["median_ms"]
-                measured.append((dtype, shape, ratio, peak_bound(ratio, ours)))
-        if measured:
-            met = all(m[2] >= 3.0 for m in measured)
-            lines.append(
-                f"- vs LibTorch's torch::nn::MultiheadAttention, {mode}, two largest shapes "
-                f"(goal >= 3x): {'met' if met else 'NOT met'}; "
-                + ", ".join(f"{d} {s}: {r:.2f}x (bound {b:.2f}x)" for d, s, r, b in measured)
-            )
-    dtype, goal = ("bfloat16", 0.90) if device == "cuda" else ("float32", 0.65)
+def _x_torch_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    measured = []
+    for dtype, shape in cases:
+        row = _find(rows, goal["candidate"], goal["mode"], shape, dtype)
+        if shape[1] >= goal.get("min_seq", 0) and row and row.get("x_torch") is not None:
+            spread = row.get("x_torch_rounds")
+            rounds = f"rounds {min(spread):.2f}-{max(spread):.2f}; " if spread else ""
+            bound = peak_bound(row["x_torch"], row)
+            text = f"{dtype} {shape}: {row['x_torch']:.2f}x ({rounds}bound {bound:.2f}x)"
+            measured.append((text, row["x_torch"]))
+    if not measured:
+        return []
+    met = all(ratio >= goal["at_least"] for _, ratio in measured)
+    return [
+        f"- {goal['title']} (goal >= {goal['at_least']}x): {'met' if met else 'NOT met'}; "
+        + ", ".join(text for text, _ in measured)
+    ]
+
+
+def _x_libtorch_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    mode = goal["mode"]
+    largest = sorted({c[1] for c in cases}, key=_workload)[-goal["largest_shapes"] :]
+    measured = []
+    for dtype, shape in cases:
+        ours = _find(rows, "torchmha", mode, shape, dtype)
+        theirs = _find(rows, "libtorch_mha", mode, shape, dtype)
+        if shape in largest and ours and theirs:
+            ratio = theirs["median_ms"] / ours["median_ms"]
+            measured.append((dtype, shape, ratio, peak_bound(ratio, ours)))
+    if not measured:
+        return []
+    met = all(m[2] >= goal["at_least"] for m in measured)
+    return [
+        f"- vs LibTorch's torch::nn::MultiheadAttention, {mode}, two largest shapes "
+        f"(goal >= {goal['at_least']:g}x): {'met' if met else 'NOT met'}; "
+        + ", ".join(f"{d} {s}: {r:.2f}x (bound {b:.2f}x)" for d, s, r, b in measured)
+    ]
+
+
+def _gemm_fraction_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    dtype = goal["dtype"]
     big = [c for c in cases if c[0] == dtype]
-    if big:
-        shape = max((c[1] for c in big), key=lambda s: s[0] * s[1] * s[1] * s[2])
-        row = _find(rows, "torchmha", "inference", shape, dtype)
-        if row:
-            fraction = row["fraction_of_gemm_peak"]
-            rate = (
-                f"{row['tflops']:.0f} TFLOP/s"
-                if device == "cuda"
-                else f"{row['tflops'] * 1e3:.1f} GFLOP/s"
-            )
-            lines.append(
-                f"- {dtype} {shape} inference at >= {goal:.0%} of the measured GEMM peak: "
-                f"{'met' if fraction >= goal else 'NOT met'}; {fraction:.1%} ({rate})"
-            )
-    smallest = min({c[1] for c in cases}, key=lambda s: s[0] * s[1] * s[1] * s[2])
+    if not big:
+        return []
+    shape = max((c[1] for c in big), key=_workload)
+    row = _find(rows, "torchmha", "inference", shape, dtype)
+    if not row:
+        return []
+    fraction = row["fraction_of_gemm_peak"]
+    rate = (
+        f"{row['tflops']:.0f} TFLOP/s" if device == "cuda" else f"{row['tflops'] * 1e3:.1f} GFLOP/s"
+    )
+    met = fraction >= goal["at_least"]
+    return [
+        f"- {dtype} {shape} inference at >= {goal['at_least']:.0%} of the measured GEMM peak: "
+        f"{'met' if met else 'NOT met'}; {fraction:.1%} ({rate})"
+    ]
+
+
+def _cpp_below_python_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    smallest = min({c[1] for c in cases}, key=_workload)
+    lines = []
     for dtype, shape in cases:
         cpp = _find(rows, "torchmha_cpp_loop", "inference", shape, dtype)
         python = _find(rows, "torchmha", "inference", shape, dtype)

@@ -155,8 +155,8 @@ def random_bool_masks(
     return key_padding, attn_2d, attn_3d
 
 
-# The models of the interchange fixtures (scripts/fixtures) serve the Python interchange tests too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "fixtures"))
+# The models of the interchange fixtures (tests/fixtures) serve the Python interchange tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
 
 # The two torchmha modules that stand in for torch.nn.MultiheadAttention.

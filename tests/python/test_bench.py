@@ -1,6 +1,6 @@
 """The benchmark runs end to end (a tiny shape, two rounds) and reports every candidate.
 
-Timings are not judged here (speed is measured by ``scripts/bench.py``, never asserted); this
+Timings are not judged here (speed is measured by ``scripts/bench/bench.py``, never asserted); this
 keeps the script, its C++ timing loop and its report working.
 """
 
@@ -28,7 +28,7 @@ PYTHON_CANDIDATES = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick"]
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py"), "--quick"]
     command += ["--out", str(out), "--cpp-bench", CPP_BENCH]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,7 +88,7 @@ def test_report_from_saved_timings_reproduces_the_report(quick_run, tmp_path):
     report, markdown, _ = quick_run
     saved = tmp_path / "again.json"
     saved.write_text(json.dumps(report))
-    command = [sys.executable, os.path.join(ROOT, "scripts", "bench.py")]
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
     result = subprocess.run(
         command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
     )
@@ -101,8 +101,7 @@ def test_report_from_saved_timings_reproduces_the_report(quick_run, tmp_path):
 def test_goal_bound_is_the_reference_time_over_the_time_at_gemm_peak():
     """Each goal states the ratio's bound at the GEMM peak: PyTorch's time over the time the
     case's FLOPs take at the measured peak (not the candidate's measured ratio)."""
-    # Loaded from its file: scripts/bench on sys.path would shadow the standard library's
-    # `profile` (scripts/bench/profile.py) for every later import, spawned processes included.
+    # Loaded from its file, so no benchmark module lands on sys.path for later tests.
     path = os.path.join(ROOT, "scripts", "bench", "report.py")
     spec = importlib.util.spec_from_file_location("bench_report", path)
     report = importlib.util.module_from_spec(spec)

@@ -2,7 +2,7 @@
 
 The blocked path starts where the scores outgrow one block (8 MiB), far beyond what gradcheck can
 afford; a subprocess with ``TORCHMHA_SCORE_BLOCK_BYTES=96`` (a few query rows per block) runs
-``blocked_gradcheck.py`` on small float64 inputs instead: every block boundary, masks with fully
+``blocked_gradcheck_worker.py`` on small float64 inputs instead: every block boundary, masks with fully
 masked rows, weights averaged and per head, and losses through the output, the weights, or both.
 """
 
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("case", ["no_mask", "masks", "per_head"])
 def test_blocked_gradcheck(case):
     environment = {**os.environ, "TORCHMHA_SCORE_BLOCK_BYTES": "96"}
-    script = os.path.join(HERE, "blocked_gradcheck.py")
+    script = os.path.join(HERE, "blocked_gradcheck_worker.py")
     result = subprocess.run(
         [sys.executable, script, case], capture_output=True, text=True, env=environment, timeout=600
     )

@@ -11,10 +11,10 @@ from conftest import (
     randomize_parameters,
     sequence_first,
 )
-from textbook_reference import ChapterMultiHeadAttention
 from torch import nn
 
 import torchmha
+from torchmha.testing import ChapterMultiHeadAttention
 
 EMBED_DIM, NUM_HEADS, BATCH = 8, 2, 3
 

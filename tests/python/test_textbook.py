@@ -5,11 +5,10 @@ from typing import Optional, Tuple
 import pytest
 import torch
 from conftest import assert_close, fresh_leaves, randomize_parameters
-from textbook_reference import ChapterMultiHeadAttention
-from textbook_weights import textbook_to_pytorch
 from torch import Tensor, nn
 
 import torchmha
+from torchmha.testing import ChapterMultiHeadAttention, textbook_to_pytorch
 
 HEADS, D_MODEL, BATCH, TARGET_LEN = 2, 8, 3, 4
 

@@ -12,10 +12,10 @@ from typing import Dict, Optional, Tuple
 import pytest
 import torch
 from conftest import assert_close, randomize_parameters
-from textbook_weights import pytorch_to_textbook, textbook_to_pytorch
 from torch import Tensor, nn
 
 import torchmha
+from torchmha.testing import pytorch_to_textbook, textbook_to_pytorch
 
 HEADS, D_MODEL, BATCH, TARGET_LEN, SOURCE_LEN = 2, 8, 3, 4, 6
 F64 = torch.float64

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import assert_close, make_mha_pair, randomize_parameters
-from textbook_reference import ChapterMultiHeadAttention
 
 import torchmha
+from torchmha.testing import ChapterMultiHeadAttention
 
 # torch.jit.script is deprecated in favour of torch.compile/export, but TorchScript is supported.
 pytestmark = pytest.mark.filterwarnings(

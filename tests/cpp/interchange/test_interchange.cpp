@@ -1,5 +1,5 @@
 // Files made by Python, read by C++: TorchScript models using torchmha and a PyTorch state dict.
-// ctest runs scripts/fixtures/make_interchange_fixtures.py first and points TORCHMHA_FIXTURES at
+// ctest runs tests/fixtures/make_interchange_fixtures.py first and points TORCHMHA_FIXTURES at
 // its folder.
 #include <gtest/gtest.h>
 #include <torch/script.h>

@@ -1,6 +1,6 @@
 // The C++ module against what torch.nn.MultiheadAttention computed in Python (float64): output,
 // weights and the gradients of inputs and parameters, over
-// scripts/fixtures/make_parity_fixtures.py's cases, which cover every constructor and forward
+// tests/fixtures/make_parity_fixtures.py's cases, which cover every constructor and forward
 // argument.
 #include <gtest/gtest.h>
 #include <torch/script.h>
@@ -113,7 +113,7 @@ TEST(ParityFixtures, EveryCaseMatchesPyTorch) {
       ++cases;
     }
   }
-  EXPECT_GE(cases, 9) << "fewer cases than scripts/fixtures/make_parity_fixtures.py writes";
+  EXPECT_GE(cases, 9) << "fewer cases than tests/fixtures/make_parity_fixtures.py writes";
 }
 
 }  // namespace

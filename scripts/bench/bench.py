@@ -8,9 +8,9 @@ torch::nn::MultiheadAttention. Modes: inference (eval, inference_mode) and train
 figure is the median over rounds of the mean of back-to-back calls (CUDA events on a GPU).
 
 Usage:
-  scripts/bench.py                      # CPU, float32, the CPU shapes
-  scripts/bench.py --device cuda        # GPU, bfloat16 and float32, the GPU shapes
-  scripts/bench.py --quick              # a tiny smoke run
+  scripts/bench/bench.py                 # CPU, float32, the CPU shapes
+  scripts/bench/bench.py --device cuda   # GPU, bfloat16 and float32, the GPU shapes
+  scripts/bench/bench.py --quick         # a tiny smoke run
 Writes <out>/<name>.json, .md and .png (the plot needs matplotlib).
 """
 
@@ -23,17 +23,15 @@ import subprocess
 import sys
 import tempfile
 
+import peers  # this folder is on sys.path when the script runs
+import report
+import timing
 import torch
 
+import torchmha
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(HERE, "bench"))
-
-import peers  # noqa: E402
-import report  # noqa: E402
-import timing  # noqa: E402
-
-import torchmha  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 CPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 512, 512, 8), (2, 2048, 1024, 16)]
 GPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 1024, 1024, 16), (4, 4096, 2048, 16)]
@@ -66,7 +64,7 @@ def parse_args() -> argparse.Namespace:
         default=os.path.join(ROOT, "build", "torchmha_bench"),
         help="the C++ timing program (CMake target torchmha_bench)",
     )
-    parser.add_argument("--out", default=os.path.join(HERE, "bench", "results"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--name", help="file name stem (default: cpu or the GPU's name)")
     parser.add_argument("--plot-from", metavar="JSON", help="only draw the plot of a results file")
     parser.add_argument(

@@ -1,22 +1,19 @@
 """Where a candidate's time goes: torch.profiler's table of one call, candidates side by side.
 
-    python scripts/bench/profile.py --device cuda --dtype bfloat16 --shape 32,128,512,8 \
+    python scripts/bench/profile_call.py --device cuda --dtype bfloat16 --shape 32,128,512,8 \
         --mode inference --candidates torchmha_weights,torch_mha_weights
 
-Same weights and input as scripts/bench.py. On a GPU the table lists kernels (CUDA time); on
+Same weights and input as scripts/bench/bench.py. On a GPU the table lists kernels (CUDA time); on
 the CPU, ATen ops. Counts of kernels and of ATen calls come first: at small shapes a GPU call is
 bound by launches, so those counts are the cost.
 """
 
 import argparse
-import os
 import sys
 
+import peers  # this folder is on sys.path when the script runs
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, os.path.dirname(__file__))
-import peers  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -4,7 +4,17 @@
 #include <torch/library.h>
 #include <torchmha/ops.h>
 
+#include <utility>
+
 namespace torchmha {
+
+using MultiHeadAttentionSchema = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, bool,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool, bool, bool);
 
 std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
@@ -17,11 +27,27 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torchmha::multi_head_attention", "")
-                       .typed<decltype(multi_head_attention)>();
+                       .typed<MultiHeadAttentionSchema>();
   return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                  k_proj_weight, v_proj_weight, out_proj_weight, out_proj_bias, bias_k, bias_v,
                  add_zero_attn, dropout_p, training, key_padding_mask, attn_mask, need_weights,
                  average_attn_weights, is_causal, batch_first);
+}
+
+MultiHeadAttentionFuncOptions::MultiHeadAttentionFuncOptions(int64_t num_heads,
+                                                             at::Tensor out_proj_weight)
+    : num_heads_(num_heads), out_proj_weight_(std::move(out_proj_weight)) {}
+
+std::tuple<at::Tensor, at::Tensor> multi_head_attention(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const MultiHeadAttentionFuncOptions& options) {
+  return multi_head_attention(
+      query, key, value, options.num_heads(), options.in_proj_weight(), options.in_proj_bias(),
+      options.q_proj_weight(), options.k_proj_weight(), options.v_proj_weight(),
+      options.out_proj_weight(), options.out_proj_bias(), options.bias_k(), options.bias_v(),
+      options.add_zero_attn(), options.dropout_p(), options.training(), options.key_padding_mask(),
+      options.attn_mask(), options.need_weights(), options.average_attn_weights(),
+      options.is_causal(), options.batch_first());
 }
 
 TORCH_LIBRARY(torchmha, m) {

@@ -55,9 +55,8 @@ at::Tensor head_scores(const at::Tensor& query, const at::Tensor& key,
 }
 
 // Where the device has a head-mean kernel, the averaged weights need no per-head probabilities,
-// so the output can come from SDPA's fused kernels; in half precision that took the large
-// benchmark shapes from 1.02-1.07x PyTorch to 1.2-1.6x, the small ones within run-to-run noise
-// (scripts/bench/NOTES.md). float32 keeps the explicit path:
+// so the output can come from SDPA's fused kernels, which pays off in half precision
+// (scripts/bench/NOTES.md has the figures). float32 keeps the explicit path:
 // there SDPA is no faster than the explicit GEMMs, and choosing by size would put guards on traced
 // shapes. The choice reads only the device, dtype and flags, so eager calls and traced graphs
 // (compile, export) compute the same way.

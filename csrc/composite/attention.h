@@ -19,7 +19,7 @@ bool is_concrete(const at::Tensor& tensor);
 
 // tensor.contiguous(), copied as 8-byte words where the innermost rows allow it, no gradient
 // flows (a dtype view has none) and the tensor has at least 1 MiB: the GPU's strided copy kernel
-// then indexes 2-4x fewer elements (2.6x faster at bfloat16 (8, 1024, 1024, 16) on an H200).
+// then indexes fewer elements (the figures, and why the floor: scripts/bench/NOTES.md).
 at::Tensor contiguous_in_words(const at::Tensor& tensor);
 
 // 1 / sqrt(head_dim), the scores' scale.

@@ -38,8 +38,8 @@ int64_t rows_filling_a_block(const at::Tensor& query, const at::Tensor& key, int
   return std::clamp<int64_t>(score_block_bytes() / row_bytes, 1, query.size(2));
 }
 
-// Rows per block of one head for the threaded loops (2 MiB of scores ran faster than 1 MiB or
-// 512 KiB at the benchmark shapes), and every thread gets a block even with one batch entry.
+// Rows per block of one head for the threaded loops (the block size that measured fastest:
+// scripts/bench/NOTES.md), and every thread gets a block even with one batch entry.
 int64_t rows_per_head_block(const at::Tensor& query, const at::Tensor& key) {
   const int64_t blocks_per_entry = ceil_div(at::get_num_threads(), query.size(0));
   return std::min(rows_filling_a_block(query, key, /*heads=*/1),

@@ -15,10 +15,14 @@ from torchmha.ops import multi_head_attention
 from torchmha.serialization import save_state_dict
 from torchmha.textbook import TextbookMultiHeadAttention
 
+# PyTorch's spelling, so `from torchmha import MultiheadAttention` swaps one word of an import.
+MultiheadAttention = MultiHeadAttention
+
 __version__ = _C.version()
 
 __all__ = [
     "MultiHeadAttention",
+    "MultiheadAttention",
     "TextbookMultiHeadAttention",
     "cpp",
     "multi_head_attention",

@@ -11,13 +11,13 @@ def multi_head_attention(
     key: Tensor,
     value: Tensor,
     num_heads: int,
-    in_proj_weight: Optional[Tensor],
-    in_proj_bias: Optional[Tensor],
-    out_proj_weight: Tensor,
-    out_proj_bias: Optional[Tensor],
+    in_proj_weight: Optional[Tensor] = None,
+    in_proj_bias: Optional[Tensor] = None,
     q_proj_weight: Optional[Tensor] = None,
     k_proj_weight: Optional[Tensor] = None,
     v_proj_weight: Optional[Tensor] = None,
+    out_proj_weight: Optional[Tensor] = None,
+    out_proj_bias: Optional[Tensor] = None,
     bias_k: Optional[Tensor] = None,
     bias_v: Optional[Tensor] = None,
     add_zero_attn: bool = False,
@@ -39,8 +39,21 @@ def multi_head_attention(
     ``is_causal=True`` without ``attn_mask`` is causal attention. A query whose keys are all
     masked attends to nothing (zero before the output projection), never NaN.
 
+    The arguments are the op schema's, in its order (``torch.ops.torchmha.multi_head_attention``);
+    ``out_proj_weight`` is required, and may be given by name after ``in_proj_weight`` and
+    ``in_proj_bias``.
+
     Returns ``(output, weights)``; ``weights`` is ``None`` unless ``need_weights``.
     """
+    if out_proj_weight is None:
+        # Before 0.2 this function took out_proj_weight and out_proj_bias right after
+        # in_proj_bias: such a call lands here, and must not run with its weights misplaced.
+        raise TypeError(
+            "torchmha.multi_head_attention: `out_proj_weight` is required; the arguments follow "
+            "the op's schema: (query, key, value, num_heads, in_proj_weight, in_proj_bias, "
+            "q_proj_weight, k_proj_weight, v_proj_weight, out_proj_weight, out_proj_bias, ...) "
+            "(out_proj_weight no longer comes right after in_proj_bias)"
+        )
     output, weights = torch.ops.torchmha.multi_head_attention(
         query,
         key,

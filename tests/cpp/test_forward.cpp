@@ -144,6 +144,30 @@ TEST(Forward, DispatcherEntryPointEqualsTheModule) {
   expect_close(weights, std::get<1>(reference(x, x, x)), kFloat64Tolerance);
 }
 
+TEST(Forward, DispatcherEntryPointTakesTheSchemaDefaultsAndNamedOptions) {
+  auto [ours, reference] = make_pair(8, 2);
+  ours->eval();
+  const auto x = torch::randn({3, 2, 8}, torch::kFloat64);
+  const auto expected = reference(x, x, x);
+  const auto [output, weights] = torchmha::multi_head_attention(
+      x, x, x, 2, ours->in_proj_weight, ours->in_proj_bias, std::nullopt, std::nullopt,
+      std::nullopt, ours->out_proj->weight, ours->out_proj->bias);
+  expect_close(output, std::get<0>(expected), kFloat64Tolerance);
+  expect_close(weights, std::get<1>(expected), kFloat64Tolerance);
+
+  const auto y = x.transpose(0, 1);
+  const auto [named_output, named_weights] = torchmha::multi_head_attention(
+      y, y, y,
+      torchmha::MultiHeadAttentionFuncOptions(2, ours->out_proj->weight)
+          .in_proj_weight(ours->in_proj_weight)
+          .in_proj_bias(ours->in_proj_bias)
+          .out_proj_bias(ours->out_proj->bias)
+          .average_attn_weights(false)
+          .batch_first(true));
+  expect_close(named_output, std::get<0>(expected).transpose(0, 1), kFloat64Tolerance);
+  expect_close(named_weights.mean(1), std::get<1>(expected), kFloat64Tolerance);
+}
+
 TEST(Forward, IsCausalWithoutMaskIsCausalAttention) {
   auto [ours, reference] = make_pair(8, 2);
   const auto x = torch::randn({5, 2, 8}, torch::kFloat64);

@@ -40,7 +40,7 @@ def main(case: str) -> None:
 
     def attention(q, m, in_w, in_b, out_w, out_b):
         output, attn_weights = torchmha.multi_head_attention(
-            q, m, m, NUM_HEADS, in_w, in_b, out_w, out_b,
+            q, m, m, NUM_HEADS, in_w, in_b, out_proj_weight=out_w, out_proj_bias=out_b,
             need_weights=True, average_attn_weights=average, batch_first=True, **masks,
         )  # fmt: skip
         return output, attn_weights

@@ -2,8 +2,9 @@
 
 The blocked path starts where the scores outgrow one block (8 MiB), far beyond what gradcheck can
 afford; a subprocess with ``TORCHMHA_SCORE_BLOCK_BYTES=96`` (a few query rows per block) runs
-``blocked_gradcheck_worker.py`` on small float64 inputs instead: every block boundary, masks with fully
-masked rows, weights averaged and per head, and losses through the output, the weights, or both.
+``blocked_gradcheck_worker.py`` on small float64 inputs instead: every block boundary, masks with
+fully masked rows, weights averaged and per head, and losses through the output, the weights, or
+both.
 """
 
 import os

@@ -65,8 +65,8 @@ def call_packed(
         NUM_HEADS,
         weights["in_proj_weight"],
         weights["in_proj_bias"],
-        weights["out_proj_weight"],
-        weights["out_proj_bias"],
+        out_proj_weight=weights["out_proj_weight"],
+        out_proj_bias=weights["out_proj_bias"],
         **kwargs,
     )
 
@@ -159,8 +159,8 @@ def test_gradcheck_separate_weights_with_bool_masks(need_weights: bool) -> None:
             NUM_HEADS,
             None,
             named["in_proj_bias"],
-            named["out_proj_weight"],
-            named["out_proj_bias"],
+            out_proj_weight=named["out_proj_weight"],
+            out_proj_bias=named["out_proj_bias"],
             q_proj_weight=named["q_proj_weight"],
             k_proj_weight=named["k_proj_weight"],
             v_proj_weight=named["v_proj_weight"],
@@ -242,8 +242,8 @@ def test_embed_dim_not_divisible_by_num_heads_raises_value_error() -> None:
             4,
             weights["in_proj_weight"],
             None,
-            weights["out_proj_weight"],
-            None,
+            out_proj_weight=weights["out_proj_weight"],
+            out_proj_bias=None,
         )
     with pytest.raises(ValueError, match="divisible"):
         torchmha.MultiHeadAttention(6, 4)
@@ -302,8 +302,7 @@ def test_separate_weight_of_wrong_shape_is_refused() -> None:
             NUM_HEADS,
             None,
             None,
-            torch.randn(EMBED_DIM, EMBED_DIM, dtype=F64),
-            None,
+            out_proj_weight=torch.randn(EMBED_DIM, EMBED_DIM, dtype=F64),
             q_proj_weight=torch.randn(EMBED_DIM, EMBED_DIM, dtype=F64),
             k_proj_weight=torch.randn(EMBED_DIM, 3, dtype=F64),
             v_proj_weight=torch.randn(EMBED_DIM, EMBED_DIM, dtype=F64),
@@ -365,3 +364,40 @@ def test_opcheck(case: str) -> None:
     args, kwargs = opcheck_cases()[case]
     result = torch.library.opcheck(torch.ops.torchmha.multi_head_attention.default, args, kwargs)
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_functional_takes_the_schema_order() -> None:
+    """``torchmha.multi_head_attention`` names the op schema's arguments in the schema's order,
+    so positional calls mean the same thing through the wrapper and through ``torch.ops``."""
+    import inspect
+
+    schema = torch.ops.torchmha.multi_head_attention.default._schema
+    wrapper = list(inspect.signature(torchmha.multi_head_attention).parameters)
+    assert wrapper == [argument.name for argument in schema.arguments]
+
+    weights = packed_weights()
+    x = torch.randn(TARGET_LEN, BATCH, EMBED_DIM, dtype=F64)
+    positional = (x, x, x, NUM_HEADS, weights["in_proj_weight"], weights["in_proj_bias"], None,
+                  None, None, weights["out_proj_weight"], weights["out_proj_bias"])  # fmt: skip
+    ours = torchmha.multi_head_attention(*positional, training=False)
+    expected = torch.ops.torchmha.multi_head_attention(*positional, training=False)
+    assert_close(ours[0], expected[0])
+    assert_close(ours[0], pytorch_reference(x, x, x, weights)[0])
+
+
+def test_functional_refuses_the_old_argument_order() -> None:
+    """A call in the order of torchmha 0.1's wrapper (out_proj_weight right after in_proj_bias)
+    is refused with the schema's order spelled out, never run with its weights misplaced."""
+    weights = packed_weights()
+    x = torch.randn(TARGET_LEN, BATCH, EMBED_DIM, dtype=F64)
+    with pytest.raises(TypeError, match="`out_proj_weight` is required.*q_proj_weight"):
+        torchmha.multi_head_attention(
+            x, x, x, NUM_HEADS, weights["in_proj_weight"], weights["in_proj_bias"],
+            weights["out_proj_weight"], weights["out_proj_bias"],
+        )  # fmt: skip
+
+
+def test_pytorch_spelling_is_the_same_class() -> None:
+    """``from torchmha import MultiheadAttention`` is a one-word swap for PyTorch's module."""
+    assert torchmha.MultiheadAttention is torchmha.MultiHeadAttention
+    assert "MultiheadAttention" in torchmha.__all__

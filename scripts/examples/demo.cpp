@@ -1,8 +1,9 @@
 // Runs torchmha::MultiHeadAttention from C++ on weights and inputs that Python saved.
 //
-// Usage: torchmha_demo <inputs.pt> <outputs.pt> [repeats]
-// <inputs.pt> is a torch.save()d dict with "state_dict" (name -> tensor), "config" (name -> int)
-// and "query"/"key"/"value"/"key_padding_mask"; <outputs.pt> gets "output" and "seconds_per_call".
+// Usage: torchmha_demo <weights.pt> <inputs.pt> <outputs.pt> [repeats]
+// <weights.pt> is a state dict saved by torchmha.save_state_dict (or torch.save of a plain dict);
+// <inputs.pt> a torch.save()d dict with "config" (embed_dim, num_heads), "query" and
+// "key_padding_mask" (batch first); <outputs.pt> gets "output" and "seconds_per_call".
 #include <torch/serialize.h>
 #include <torchmha/torchmha.h>
 
@@ -24,26 +25,20 @@ c10::Dict<c10::IValue, c10::IValue> read_dict(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 3) {
-    std::cerr << "usage: " << argv[0] << " <inputs.pt> <outputs.pt> [repeats]\n";
+  if (argc < 4) {
+    std::cerr << "usage: " << argv[0] << " <weights.pt> <inputs.pt> <outputs.pt> [repeats]\n";
     return 2;
   }
-  const int repeats = argc > 3 ? std::stoi(argv[3]) : 100;
-  const auto inputs = read_dict(argv[1]);
+  const int repeats = argc > 4 ? std::stoi(argv[4]) : 100;
+  const auto inputs = read_dict(argv[2]);
   const auto config = inputs.at("config").toGenericDict();
-  const auto state_dict = inputs.at("state_dict").toGenericDict();
+  const auto embed_dim = config.at("embed_dim").toInt();
+  const auto num_heads = config.at("num_heads").toInt();
 
   torchmha::MultiHeadAttention attention(
-      torchmha::MultiHeadAttentionOptions(config.at("embed_dim").toInt(),
-                                          config.at("num_heads").toInt())
-          .batch_first(config.at("batch_first").toInt() != 0));
+      torchmha::MultiHeadAttentionOptions(embed_dim, num_heads).batch_first(true));
+  torchmha::load_state_dict(*attention, argv[1]);  // checks every key and shape first
   attention->eval();
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& parameter : attention->named_parameters()) {
-      parameter.value().copy_(state_dict.at(parameter.key()).toTensor());
-    }
-  }
 
   const auto query = inputs.at("query").toTensor();
   const auto key_padding_mask = inputs.at("key_padding_mask").toTensor();
@@ -62,7 +57,7 @@ int main(int argc, char** argv) {
   results.insert("output", output);
   results.insert("seconds_per_call", elapsed.count() / repeats);
   const auto bytes = torch::pickle_save(results);
-  std::ofstream(argv[2], std::ios::binary)
+  std::ofstream(argv[3], std::ios::binary)
       .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   std::cout << "torchmha_demo: " << attention << "\n";
   return 0;

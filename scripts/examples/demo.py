@@ -71,19 +71,13 @@ def main() -> int:
         )
 
     with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder, "weights.pt")
         inputs, outputs = Path(folder, "inputs.pt"), Path(folder, "outputs.pt")
-        config = {"embed_dim": args.embed, "num_heads": args.heads, "batch_first": 1}
-        torch.save(
-            {
-                "config": config,
-                "state_dict": dict(reference.state_dict()),
-                "query": query,
-                "key_padding_mask": key_padding_mask,
-            },
-            inputs,
-        )
+        torchmha.save_state_dict(reference, weights)  # PyTorch's module's weights, as they are
+        config = {"embed_dim": args.embed, "num_heads": args.heads}
+        torch.save({"config": config, "query": query, "key_padding_mask": key_padding_mask}, inputs)
         subprocess.run(
-            [args.cpp_demo, str(inputs), str(outputs), str(args.repeats)],
+            [args.cpp_demo, str(weights), str(inputs), str(outputs), str(args.repeats)],
             check=True,
             stdout=subprocess.DEVNULL,
         )

@@ -16,7 +16,9 @@ class MultiHeadAttention(AllOrNothingLoading):
     Same constructor, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``,
     ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``), ``state_dict`` keys and
     ``forward`` as :class:`torch.nn.MultiheadAttention`, so either module's state dict loads
-    into the other. Differences, each deliberate: a query whose keys are all masked gets a zero
+    into the other. Each weight is read as PyTorch's module reads it, so a weight that is
+    parametrized, pruned, a buffer or a plain tensor attribute is used as it is there.
+    Differences, each deliberate: a query whose keys are all masked gets a zero
     attention output (before ``out_proj``) and zero weights instead of NaN, and
     ``is_causal=True`` without ``attn_mask`` is causal attention.
 

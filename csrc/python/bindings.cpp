@@ -1,9 +1,12 @@
 // pybind11 bindings of the C++ modules for torchmha._C (loading it also registers the op).
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/python.h>
 #include <torchmha/torchmha.h>
 
+#include <mutex>
 #include <optional>
 #include <sstream>
+#include <typeinfo>
 
 namespace py = pybind11;
 
@@ -20,6 +23,95 @@ std::string pretty(const ModuleType& module) {
   return stream.str();
 }
 
+// Whether `tensor` is a plain dense tensor: a c10::TensorImpl itself, no subclass (sparse,
+// nested, wrapper) and no Python subclass, whose metadata another plain one can take over.
+bool is_plain_dense(const torch::Tensor& tensor) {
+  const auto& impl = *tensor.unsafeGetTensorImpl();
+  return typeid(impl) == typeid(c10::TensorImpl) && tensor.layout() == torch::kStrided &&
+         !tensor.key_set().has(c10::DispatchKey::Python) && !tensor.is_inference();
+}
+
+// Gives `variable` the data of `data` (storage, shape, dtype, device) and keeps the variable
+// itself, which the C++ module holds as a member: what `variable.data = data` does, also across
+// backends (CPU, CUDA <-> meta), which set_data refuses only because other TensorImpl kinds
+// cannot take each other's metadata; two plain dense ones can.
+void replace_data(torch::Tensor& variable, const torch::Tensor& data) {
+  TORCH_CHECK_VALUE(variable.defined() && data.defined(),
+                    "torchmha: cannot replace the data of an undefined tensor or with one");
+  TORCH_CHECK_VALUE(!variable.requires_grad() || at::isFloatingType(data.scalar_type()) ||
+                        at::isComplexType(data.scalar_type()),
+                    "torchmha: a C++ module's tensor that requires gradients cannot take data of ",
+                    data.scalar_type(), ", only a floating point or complex dtype");
+  if (!at::_has_compatible_shallow_copy_type(variable, data)) {
+    TORCH_CHECK_VALUE(is_plain_dense(variable) && is_plain_dense(data),
+                      "torchmha: a C++ module's tensor on ", variable.device(), " (",
+                      variable.layout(), ") cannot take the data of a tensor on ", data.device(),
+                      " (", data.layout(), "); only plain strided tensors move between devices");
+    variable.unsafeGetTensorImpl()->shallow_copy_from(data.getIntrusivePtr());
+  }
+  // Now of one kind: set_data does its bookkeeping (the gradient accumulator on a new device).
+  variable.set_data(data);
+}
+
+// What pickle keeps of a module: its format, options, training flag and every parameter
+// (detached, as PyTorch's parameters pickle without their gradients, and its requires_grad).
+constexpr int64_t kPickleFormat = 1;
+
+template <typename ModuleType>
+py::tuple module_state(const ModuleType& module, py::tuple options) {
+  py::list parameters;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    parameters.append(
+        py::make_tuple(item.key(), item.value().detach(), item.value().requires_grad()));
+  }
+  return py::make_tuple(kPickleFormat, std::move(options), module.is_training(), parameters);
+}
+
+// Builds a module from its pickled options without drawing from the caller's random stream:
+// the initial weights are replaced by the pickled ones anyway.
+template <typename ModuleType, typename Build>
+std::shared_ptr<ModuleType> build_quietly(const Build& build) {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  torch::Tensor random_state;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    random_state = generator.get_state();
+  }
+  auto module = build();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(random_state);
+  return module;
+}
+
+// Restores what module_state kept into a module built from the kept options.
+template <typename ModuleType, typename Build>
+std::shared_ptr<ModuleType> restore_module(const py::tuple& state, const Build& build) {
+  TORCH_CHECK_VALUE(state.size() == 4 && state[0].cast<int64_t>() == kPickleFormat,
+                    "torchmha: cannot unpickle a C++ module from this state (expected format ",
+                    kPickleFormat, " with 4 fields)");
+  auto module = build_quietly<ModuleType>([&] { return build(state[1].cast<py::tuple>()); });
+  module->train(state[2].cast<bool>());
+  auto parameters = module->named_parameters(/*recurse=*/true);
+  const auto pickled = state[3].cast<py::list>();
+  TORCH_CHECK_VALUE(pickled.size() == parameters.size(), "torchmha: the pickled C++ module has ",
+                    pickled.size(), " parameters, but a module with its options has ",
+                    parameters.size());
+  for (const auto& item : pickled) {
+    const auto entry = item.cast<py::tuple>();
+    const auto name = entry[0].cast<std::string>();
+    const auto tensor = entry[1].cast<torch::Tensor>();
+    auto* parameter = parameters.find(name);
+    TORCH_CHECK_VALUE(parameter != nullptr, "torchmha: the pickled C++ module has a parameter `",
+                      name, "` that a module with its options does not have");
+    TORCH_CHECK_VALUE(tensor.sizes() == parameter->sizes(), "torchmha: the pickled parameter `",
+                      name, "` has shape ", tensor.sizes(), ", but a module with its options has ",
+                      parameter->sizes());
+    replace_data(*parameter, tensor);
+    parameter->set_requires_grad(entry[2].cast<bool>());
+  }
+  return module;
+}
+
 template <typename ModuleType>
 torch::python::detail::PyModuleClass<ModuleType> bind_common(py::module& m, const char* name) {
   return torch::python::add_module_bindings(
@@ -28,6 +120,44 @@ torch::python::detail::PyModuleClass<ModuleType> bind_common(py::module& m, cons
       // Every parameter with its dotted name, as a state dict spells it.
       .def_property_readonly("_flat_parameters",
                              [](ModuleType& module) { return module.named_parameters(true); });
+}
+
+py::tuple options_tuple(const torchmha::MultiHeadAttentionOptions& options) {
+  return py::make_tuple(options.embed_dim(), options.num_heads(), options.dropout(), options.bias(),
+                        options.add_bias_kv(), options.add_zero_attn(), options.kdim(),
+                        options.vdim(), options.batch_first());
+}
+
+std::shared_ptr<torchmha::MultiHeadAttentionImpl> build_multi_head_attention(
+    const py::tuple& options) {
+  return std::make_shared<torchmha::MultiHeadAttentionImpl>(
+      torchmha::MultiHeadAttentionOptions(options[0].cast<int64_t>(), options[1].cast<int64_t>())
+          .dropout(options[2].cast<double>())
+          .bias(options[3].cast<bool>())
+          .add_bias_kv(options[4].cast<bool>())
+          .add_zero_attn(options[5].cast<bool>())
+          .kdim(options[6].cast<int64_t>())
+          .vdim(options[7].cast<int64_t>())
+          .batch_first(options[8].cast<bool>()));
+}
+
+py::tuple options_tuple(const torchmha::TextbookMultiHeadAttentionOptions& options) {
+  return py::make_tuple(options.h(), options.d_model(), options.dropout());
+}
+
+std::shared_ptr<torchmha::TextbookMultiHeadAttentionImpl> build_textbook(const py::tuple& options) {
+  return std::make_shared<torchmha::TextbookMultiHeadAttentionImpl>(
+      torchmha::TextbookMultiHeadAttentionOptions(options[0].cast<int64_t>(),
+                                                  options[1].cast<int64_t>())
+          .dropout(options[2].cast<double>()));
+}
+
+// pickle (and so copy.deepcopy and torch.save) rebuilds a module from its options and state.
+template <typename ModuleType, typename Build>
+auto pickling(const Build& build) {
+  return py::pickle(
+      [](const ModuleType& module) { return module_state(module, options_tuple(module.options)); },
+      [build](const py::tuple& state) { return restore_module<ModuleType>(state, build); });
 }
 
 }  // namespace
@@ -39,6 +169,8 @@ PYBIND11_MODULE(_C, m) {
         "Saves a C++ module's state dict in torch.save()'s format (torchmha::save_state_dict).");
   m.def("load_state_dict", &torchmha::load_state_dict, py::arg("module"), py::arg("path"),
         "Loads a torch.save()d state dict into a C++ module (torchmha::load_state_dict).");
+  m.def("_replace_data", &replace_data, py::arg("variable"), py::arg("data"),
+        "`variable.data = data` for a C++ module's tensor, also to and from the meta device.");
 
   using torchmha::MultiHeadAttentionImpl;
   bind_common<MultiHeadAttentionImpl>(m, "MultiHeadAttention")
@@ -59,6 +191,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("bias") = true, py::arg("add_bias_kv") = false, py::arg("add_zero_attn") = false,
            py::arg("kdim") = py::none(), py::arg("vdim") = py::none(),
            py::arg("batch_first") = false)
+      .def(pickling<MultiHeadAttentionImpl>(&build_multi_head_attention))
       .def(
           "forward",
           [](MultiHeadAttentionImpl& module, const torch::Tensor& query, const torch::Tensor& key,
@@ -89,6 +222,7 @@ PYBIND11_MODULE(_C, m) {
                  torchmha::TextbookMultiHeadAttentionOptions(h, d_model).dropout(dropout));
            }),
            py::arg("h"), py::arg("d_model"), py::arg("dropout") = 0.1)
+      .def(pickling<TextbookMultiHeadAttentionImpl>(&build_textbook))
       .def(
           "forward",
           [](TextbookMultiHeadAttentionImpl& module, const torch::Tensor& query,

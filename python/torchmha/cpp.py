@@ -2,11 +2,15 @@
 
 ``torchmha.cpp.MultiHeadAttention`` is the very ``torchmha::MultiHeadAttention`` object a
 LibTorch program builds: its parameters are the C++ tensors, ``.train()``, ``.eval()`` and
-``.to()`` act on the C++ module, and ``state_dict()`` uses PyTorch's names.
+``.to()`` act on the C++ module, and ``state_dict()`` uses PyTorch's names. ``copy.deepcopy``,
+``pickle`` and ``torch.save(module)`` rebuild the C++ module from its options and tensors;
+``.to("meta")``, ``.to_empty()`` and ``load_state_dict(..., assign=True)`` give the C++ tensors
+new data in place.
 """
 
 from typing import Optional
 
+from torch import Tensor
 from torch.nn.cpp import OrderedDictWrapper
 
 from torchmha import _C
@@ -39,12 +43,43 @@ class _CppModule(AllOrNothingLoading):
         return self.cpp_module.forward(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        # The C++ module keeps its tensors, so conversions replace their data in place.
+        # The C++ module keeps its tensors as members, so conversions (.to(), .to("meta"),
+        # .to_empty()) replace their data in place, across devices too.
         for parameter in self.parameters():
-            parameter.data = fn(parameter.data)
+            _C._replace_data(parameter, fn(parameter.data))
             if parameter.grad is not None:
-                parameter.grad.data = fn(parameter.grad.data)
+                _C._replace_data(parameter.grad, fn(parameter.grad.data))
         return self
+
+    def __setattr__(self, name: str, value) -> None:
+        parameters = self.__dict__.get("_parameters")
+        if isinstance(parameters, OrderedDictWrapper) and name in parameters:
+            self._assign_parameter(name, parameters[name], value)
+        else:
+            super().__setattr__(name, value)
+
+    def _assign_parameter(self, name: str, parameter: Tensor, value) -> None:
+        """``module.<name> = tensor`` (and ``load_state_dict(..., assign=True)``): the C++
+        parameter takes the tensor's data (its storage, dtype and device) and keeps its own
+        ``requires_grad``, as PyTorch's assign keeps it; the C++ module holds it as a member, so
+        the parameter stays the same object."""
+        owner = type(self).__module__ + "." + type(self).__qualname__
+        if value is None:
+            raise ValueError(
+                f"{owner}: the C++ module cannot drop its parameter `{name}`; build it without "
+                "that parameter instead (e.g. bias=False or add_bias_kv=False)"
+            )
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{owner}: cannot assign {type(value).__name__} to the parameter `{name}`, "
+                "expected a tensor"
+            )
+        if value.shape != parameter.shape:
+            raise ValueError(
+                f"{owner}: the parameter `{name}` has shape {list(parameter.shape)}, but the "
+                f"tensor assigned has shape {list(value.shape)}"
+            )
+        _C._replace_data(parameter, value.detach())
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -16,7 +16,9 @@ class MultiHeadAttention(AllOrNothingLoading):
     Same constructor, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``,
     ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``), ``state_dict`` keys and
     ``forward`` as :class:`torch.nn.MultiheadAttention`, so either module's state dict loads
-    into the other. Differences, each deliberate: a query whose keys are all masked gets a zero
+    into the other. Each weight is read as PyTorch's module reads it, so a weight that is
+    parametrized, pruned, a buffer or a plain tensor attribute is used as it is there.
+    Differences, each deliberate: a query whose keys are all masked gets a zero
     attention output (before ``out_proj``) and zero weights instead of NaN, and
     ``is_causal=True`` without ``attn_mask`` is causal attention.
 
@@ -181,23 +183,36 @@ class MultiHeadAttention(AllOrNothingLoading):
 
     @torch.jit.unused
     def _registered_weights(self) -> Tuple[Optional[Tensor], ...]:
-        # Straight from the registries: nn.Module.__getattr__ costs ~2 us a name, 15-20 us a call.
-        own = self._parameters
-        out_proj = self._modules["out_proj"]._parameters
-        try:
-            return (
-                own["in_proj_weight"],
-                own["in_proj_bias"],
-                out_proj["weight"],
-                out_proj["bias"],
-                own["q_proj_weight"],
-                own["k_proj_weight"],
-                own["v_proj_weight"],
-                own.get("bias_k"),
-                own.get("bias_v"),
-            )
-        except KeyError:  # A weight pruned or parametrized lives elsewhere: ask the attributes.
-            return self._attribute_weights()
+        """The op's weight arguments, read from the registries when that equals reading the
+        attributes (nn.Module.__getattr__ is slow per name), else read as attributes."""
+        # A parametrization swaps in a subclass with properties; a subclass may define its own.
+        # The compilers trace attributes best and once, so they get no shortcut.
+        if (
+            type(self) is MultiHeadAttention
+            and type(self._modules["out_proj"]) is nn.Linear
+            and not torch.compiler.is_compiling()
+        ):
+            own = self._parameters
+            out_proj = self._modules["out_proj"]._parameters
+            # nn.Module keeps a name in one place only: pruned weights, buffers and plain tensors
+            # are not in _parameters (KeyError); bias_k/bias_v without add_bias_kv are None in
+            # __dict__, and a tensor put there later is what the attribute reads.
+            attributes = self.__dict__
+            try:
+                return (
+                    own["in_proj_weight"],
+                    own["in_proj_bias"],
+                    out_proj["weight"],
+                    out_proj["bias"],
+                    own["q_proj_weight"],
+                    own["k_proj_weight"],
+                    own["v_proj_weight"],
+                    own["bias_k"] if "bias_k" in own else attributes["bias_k"],
+                    own["bias_v"] if "bias_v" in own else attributes["bias_v"],
+                )
+            except KeyError:
+                pass
+        return self._attribute_weights()
 
     def extra_repr(self) -> str:
         return (

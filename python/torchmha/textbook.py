@@ -44,13 +44,20 @@ class TextbookMultiHeadAttention(AllOrNothingLoading):
         """Attend from ``query`` to ``key``/``value``; returns ``(B, L, d_model)``."""
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(
-                "expected batch-first 3-D query, key and value (B, L, d_model), but got "
-                f"{query.shape}, {key.shape} and {value.shape}"
+                "torchmha.TextbookMultiHeadAttention: expected batch-first 3-D `query`, `key` "
+                f"and `value` (B, L, d_model), but got {list(query.shape)}, {list(key.shape)} "
+                f"and {list(value.shape)}"
             )
         attn_mask: Optional[Tensor] = None
         if mask is not None:
             # Nonzero = may attend, broadcast to (B, h, L, S) -> the op's True = masked (B*h, L, S).
             batch, target_len, source_len = query.size(0), query.size(1), key.size(1)
+            if mask.dim() > 4:
+                raise ValueError(
+                    "torchmha.TextbookMultiHeadAttention: expected `mask` broadcastable to "
+                    f"(B, h, L, S) = ({batch}, {self.h}, {target_len}, {source_len}), but got "
+                    f"{list(mask.shape)}"
+                )
             attn_mask = (
                 (mask == 0)
                 .expand(batch, self.h, target_len, source_len)

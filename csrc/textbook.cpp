@@ -15,6 +15,28 @@ TextbookMultiHeadAttentionImpl::TextbookMultiHeadAttentionImpl(
   reset();
 }
 
+TextbookMultiHeadAttentionImpl::TextbookMultiHeadAttentionImpl(
+    const TextbookMultiHeadAttentionImpl& other)
+    : torch::nn::Cloneable<TextbookMultiHeadAttentionImpl>(other),
+      options(other.options),
+      linear_layers(other.linear_layers),
+      output_linear(other.output_linear),
+      attn(other.last_attn()) {}
+
+TextbookMultiHeadAttentionImpl& TextbookMultiHeadAttentionImpl::operator=(
+    const TextbookMultiHeadAttentionImpl& other) {
+  if (this != &other) {
+    torch::nn::Cloneable<TextbookMultiHeadAttentionImpl>::operator=(other);
+    options = other.options;
+    linear_layers = other.linear_layers;
+    output_linear = other.output_linear;
+    auto other_attn = other.last_attn();
+    const std::lock_guard<std::mutex> lock(attn_mutex_);
+    attn = std::move(other_attn);
+  }
+  return *this;
+}
+
 void TextbookMultiHeadAttentionImpl::reset() {
   TORCH_CHECK_VALUE(
       options.h() > 0 && options.d_model() > 0 && options.d_model() % options.h() == 0,
@@ -68,8 +90,16 @@ torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query
       /*add_zero_attn=*/false, options.dropout(), is_training(),
       /*key_padding_mask=*/std::nullopt, attn_mask, /*need_weights=*/true,
       /*average_attn_weights=*/false, /*is_causal=*/false, /*batch_first=*/true);
-  attn = weights;
+  {
+    const std::lock_guard<std::mutex> lock(attn_mutex_);
+    attn = std::move(weights);
+  }
   return output;
+}
+
+torch::Tensor TextbookMultiHeadAttentionImpl::last_attn() const {
+  const std::lock_guard<std::mutex> lock(attn_mutex_);
+  return attn;
 }
 
 void TextbookMultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {

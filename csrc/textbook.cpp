@@ -4,6 +4,8 @@
 
 #include <torch/nn/modules/container/modulelist.h>
 
+#include "composite/decimal.h"
+
 namespace torchmha {
 
 TextbookMultiHeadAttentionOptions::TextbookMultiHeadAttentionOptions(int64_t h, int64_t d_model)
@@ -45,7 +47,7 @@ void TextbookMultiHeadAttentionImpl::reset() {
       options.h(), " and d_model=", options.d_model());
   TORCH_CHECK_VALUE(options.dropout() >= 0.0 && options.dropout() <= 1.0,
                     "torchmha::TextbookMultiHeadAttention: dropout must be in [0, 1], got ",
-                    options.dropout());
+                    composite::shortest_decimal(options.dropout()));
   const auto d_model = options.d_model();
   linear_layers =
       register_module("linear_layers", torch::nn::ModuleList(torch::nn::Linear(d_model, d_model),
@@ -58,6 +60,12 @@ torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query
                                                       const torch::Tensor& key,
                                                       const torch::Tensor& value,
                                                       const torch::Tensor& mask) {
+  // An undefined tensor reads as shape [0]; say that it is undefined instead.
+  for (const auto& [tensor, name] :
+       {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}}) {
+    TORCH_CHECK(tensor->defined(), "torchmha::TextbookMultiHeadAttention: expected a defined `",
+                name, "`, but got an undefined tensor");
+  }
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
               "torchmha::TextbookMultiHeadAttention: expected batch-first 3-D `query`, `key` "
               "and `value` (B, L, d_model), but got ",

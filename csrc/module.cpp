@@ -4,6 +4,10 @@
 #include <torchmha/ops.h>
 #include <torchmha/torchmha.h>
 
+#include <limits>
+
+#include "composite/decimal.h"
+
 namespace torchmha {
 
 const char* version() { return "0.1.0"; }
@@ -22,6 +26,12 @@ void MultiHeadAttentionImpl::reset() {
                     "torchmha::MultiHeadAttention: embed_dim and num_heads must be greater than "
                     "0, got embed_dim=",
                     embed_dim, " and num_heads=", options.num_heads());
+  // in_proj_weight has 3 * embed_dim rows: refuse an embed_dim that would overflow int64 there.
+  constexpr int64_t kMaxEmbedDim = std::numeric_limits<int64_t>::max() / 3;
+  TORCH_CHECK_VALUE(embed_dim <= kMaxEmbedDim,
+                    "torchmha::MultiHeadAttention: embed_dim=", embed_dim,
+                    " is too large: 3 * embed_dim must fit in int64, so embed_dim must be at most ",
+                    kMaxEmbedDim);
   TORCH_CHECK_VALUE(embed_dim % options.num_heads() == 0,
                     "torchmha::MultiHeadAttention: embed_dim ", embed_dim,
                     " must be divisible by num_heads ", options.num_heads());
@@ -30,7 +40,7 @@ void MultiHeadAttentionImpl::reset() {
                     options.kdim(), " and vdim=", options.vdim());
   TORCH_CHECK_VALUE(options.dropout() >= 0.0 && options.dropout() <= 1.0,
                     "torchmha::MultiHeadAttention: dropout must be in [0, 1], got ",
-                    options.dropout());
+                    composite::shortest_decimal(options.dropout()));
   qkv_same_embed_dim = options.kdim() == embed_dim && options.vdim() == embed_dim;
   if (qkv_same_embed_dim) {
     in_proj_weight = register_parameter("in_proj_weight", torch::empty({3 * embed_dim, embed_dim}));

@@ -4,6 +4,8 @@
 
 #include <torch/nn/modules/container/modulelist.h>
 
+#include "composite/decimal.h"
+
 namespace torchmha {
 
 TextbookMultiHeadAttentionOptions::TextbookMultiHeadAttentionOptions(int64_t h, int64_t d_model)
@@ -15,6 +17,28 @@ TextbookMultiHeadAttentionImpl::TextbookMultiHeadAttentionImpl(
   reset();
 }
 
+TextbookMultiHeadAttentionImpl::TextbookMultiHeadAttentionImpl(
+    const TextbookMultiHeadAttentionImpl& other)
+    : torch::nn::Cloneable<TextbookMultiHeadAttentionImpl>(other),
+      options(other.options),
+      linear_layers(other.linear_layers),
+      output_linear(other.output_linear),
+      attn(other.last_attn()) {}
+
+TextbookMultiHeadAttentionImpl& TextbookMultiHeadAttentionImpl::operator=(
+    const TextbookMultiHeadAttentionImpl& other) {
+  if (this != &other) {
+    torch::nn::Cloneable<TextbookMultiHeadAttentionImpl>::operator=(other);
+    options = other.options;
+    linear_layers = other.linear_layers;
+    output_linear = other.output_linear;
+    auto other_attn = other.last_attn();
+    const std::lock_guard<std::mutex> lock(attn_mutex_);
+    attn = std::move(other_attn);
+  }
+  return *this;
+}
+
 void TextbookMultiHeadAttentionImpl::reset() {
   TORCH_CHECK_VALUE(
       options.h() > 0 && options.d_model() > 0 && options.d_model() % options.h() == 0,
@@ -23,7 +47,7 @@ void TextbookMultiHeadAttentionImpl::reset() {
       options.h(), " and d_model=", options.d_model());
   TORCH_CHECK_VALUE(options.dropout() >= 0.0 && options.dropout() <= 1.0,
                     "torchmha::TextbookMultiHeadAttention: dropout must be in [0, 1], got ",
-                    options.dropout());
+                    composite::shortest_decimal(options.dropout()));
   const auto d_model = options.d_model();
   linear_layers =
       register_module("linear_layers", torch::nn::ModuleList(torch::nn::Linear(d_model, d_model),
@@ -36,6 +60,12 @@ torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query
                                                       const torch::Tensor& key,
                                                       const torch::Tensor& value,
                                                       const torch::Tensor& mask) {
+  // An undefined tensor reads as shape [0]; say that it is undefined instead.
+  for (const auto& [tensor, name] :
+       {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}}) {
+    TORCH_CHECK(tensor->defined(), "torchmha::TextbookMultiHeadAttention: expected a defined `",
+                name, "`, but got an undefined tensor");
+  }
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
               "torchmha::TextbookMultiHeadAttention: expected batch-first 3-D `query`, `key` "
               "and `value` (B, L, d_model), but got ",
@@ -68,8 +98,16 @@ torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query
       /*add_zero_attn=*/false, options.dropout(), is_training(),
       /*key_padding_mask=*/std::nullopt, attn_mask, /*need_weights=*/true,
       /*average_attn_weights=*/false, /*is_causal=*/false, /*batch_first=*/true);
-  attn = weights;
+  {
+    const std::lock_guard<std::mutex> lock(attn_mutex_);
+    attn = std::move(weights);
+  }
   return output;
+}
+
+torch::Tensor TextbookMultiHeadAttentionImpl::last_attn() const {
+  const std::lock_guard<std::mutex> lock(attn_mutex_);
+  return attn;
 }
 
 void TextbookMultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C++ tests with AddressSanitizer + UndefinedBehaviorSanitizer (in build-asan/) and the
-# concurrency test with ThreadSanitizer (in build-tsan/), runs them, and fails on any report.
+# concurrency tests (tests/cpp/test_concurrency.cpp: the module and the chapter's adapter) with
+# ThreadSanitizer (in build-tsan/), runs them, and fails on any report.
 # LibTorch itself is not instrumented; tests/sanitizers/lsan.supp, the only suppression file,
 # names only LibTorch internals, each with its reason.
 #
@@ -44,8 +45,8 @@ run_asan() {
 }
 
 run_tsan() {
-  echo "sanitize: ThreadSanitizer, concurrency test (build-tsan/)"
-  # No suppression: the test keeps one intra-op thread per worker, so uninstrumented OpenMP
+  echo "sanitize: ThreadSanitizer, concurrency tests (build-tsan/)"
+  # No suppression: the tests keep one intra-op thread per worker, so uninstrumented OpenMP
   # never runs and LibTorch's own locking goes through intercepted pthread calls.
   export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
   configure_and_build build-tsan thread test_concurrency.cpp

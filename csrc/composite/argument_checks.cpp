@@ -1,12 +1,18 @@
 // Every argument check of the op, with messages that name the argument and its shape.
 #include <c10/util/Exception.h>
 
+#include <limits>
+
 #include "arguments.h"
+#include "decimal.h"
 
 namespace torchmha::composite {
 namespace {
 
 constexpr const char* kOp = "torchmha.multi_head_attention: ";
+
+// The packed projection has 3 * embed_dim rows: a larger embed_dim would overflow int64 there.
+constexpr int64_t kMaxEmbedDim = std::numeric_limits<int64_t>::max() / 3;
 
 bool has_shape(const at::Tensor& tensor, std::initializer_list<c10::SymInt> shape) {
   if (tensor.dim() != static_cast<int64_t>(shape.size())) {
@@ -28,8 +34,15 @@ void check_dense(const at::Tensor& tensor, const char* name) {
               tensor.is_nested() ? std::string("nested") : c10::str(tensor.layout()), " tensor");
 }
 
-void check_same_dtype_and_device(const at::Tensor& query, const at::Tensor& tensor,
-                                 const char* name) {
+// An undefined C++ tensor reads as shape [0]; say that it is undefined instead.
+void check_defined(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.defined(), kOp, "expected a defined `", name,
+              "`, but got an undefined tensor");
+}
+
+// A weight or bias: dense, with the dtype and device of `query`.
+void check_dense_like_query(const at::Tensor& query, const at::Tensor& tensor, const char* name) {
+  check_dense(tensor, name);
   TORCH_CHECK(tensor.scalar_type() == query.scalar_type(), kOp, "expected `", name,
               "` to have the dtype of `query` (", query.scalar_type(), "), but got ",
               tensor.scalar_type());
@@ -48,6 +61,9 @@ void check_mask_dtype(const at::Tensor& query, const at::Tensor& mask, const cha
 
 void check_ranks(const Arguments& args) {
   const auto& query = args.query;
+  check_defined(query, "query");
+  check_defined(args.key, "key");
+  check_defined(args.value, "value");
   check_dense(query, "query");
   check_dense(args.key, "key");
   check_dense(args.value, "value");
@@ -64,7 +80,16 @@ void check_ranks(const Arguments& args) {
 
 // embed_dim is the module's: out_proj_weight is (embed_dim, embed_dim), and query must match it.
 void check_embed_dim(const Arguments& args) {
+  // Symbolic sizes cannot overflow, and comparing them would add a guard: check concrete ones.
+  const auto embed_dim = args.query.sym_size(-1).maybe_as_int();
+  TORCH_CHECK_VALUE(!embed_dim || *embed_dim <= kMaxEmbedDim, kOp, "embed_dim ", *embed_dim,
+                    " (the last dimension of `query` ", args.query.sym_sizes(),
+                    ") is too large: 3 * embed_dim must fit in int64, so embed_dim must be at "
+                    "most ",
+                    kMaxEmbedDim);
   const auto& weight = args.out_proj_weight;
+  check_defined(weight, "out_proj_weight");
+  check_dense(weight, "out_proj_weight");
   TORCH_CHECK(weight.dim() == 2 && weight.sym_size(0) == weight.sym_size(1), kOp,
               "expected a square `out_proj_weight` [embed_dim, embed_dim], but got ",
               weight.sym_sizes());
@@ -112,7 +137,7 @@ void check_projection_weights(const Arguments& args) {
               args.has_packed_weight() ? "both" : "neither");
   if (args.has_packed_weight()) {
     const auto& weight = *args.in_proj_weight;
-    check_same_dtype_and_device(query, weight, "in_proj_weight");
+    check_dense_like_query(query, weight, "in_proj_weight");
     TORCH_CHECK(has_shape(weight, {3 * embed_dim, embed_dim}), kOp,
                 "expected `in_proj_weight` of shape [3 * embed_dim, embed_dim] = [", 3 * embed_dim,
                 ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(), ", but got ",
@@ -135,24 +160,24 @@ void check_projection_weights(const Arguments& args) {
     const char* input_names[] = {"query", "key", "value"};
     for (int index = 0; index < 3; ++index) {
       const auto& [weight, name] = weights[index];
-      check_same_dtype_and_device(query, *weight, name);
+      check_dense_like_query(query, *weight, name);
       const c10::SymInt input_dim = inputs[index]->sym_size(-1);
       TORCH_CHECK(has_shape(*weight, {embed_dim, input_dim}), kOp, "expected `", name,
                   "` of shape [embed_dim, ", input_names[index], ".size(-1)] = [", embed_dim, ", ",
                   input_dim, "], but got ", weight->sym_sizes());
     }
   }
-  check_same_dtype_and_device(query, args.key, "key");
-  check_same_dtype_and_device(query, args.value, "value");
+  check_dense_like_query(query, args.key, "key");
+  check_dense_like_query(query, args.value, "value");
   if (given(args.in_proj_bias)) {
-    check_same_dtype_and_device(query, *args.in_proj_bias, "in_proj_bias");
+    check_dense_like_query(query, *args.in_proj_bias, "in_proj_bias");
     TORCH_CHECK(has_shape(*args.in_proj_bias, {3 * embed_dim}), kOp,
                 "expected `in_proj_bias` of shape [3 * embed_dim] = [", 3 * embed_dim,
                 "], but got ", args.in_proj_bias->sym_sizes());
   }
-  check_same_dtype_and_device(query, args.out_proj_weight, "out_proj_weight");
+  check_dense_like_query(query, args.out_proj_weight, "out_proj_weight");
   if (given(args.out_proj_bias)) {
-    check_same_dtype_and_device(query, *args.out_proj_bias, "out_proj_bias");
+    check_dense_like_query(query, *args.out_proj_bias, "out_proj_bias");
     TORCH_CHECK(has_shape(*args.out_proj_bias, {embed_dim}), kOp,
                 "expected `out_proj_bias` of shape [embed_dim] = [", embed_dim, "], but got ",
                 args.out_proj_bias->sym_sizes());
@@ -168,7 +193,7 @@ void check_bias_kv(const Arguments& args) {
   }
   const c10::SymInt embed_dim = args.query.sym_size(-1);
   for (const auto& [bias, name] : {std::pair{&*args.bias_k, "bias_k"}, {&*args.bias_v, "bias_v"}}) {
-    check_same_dtype_and_device(args.query, *bias, name);
+    check_dense_like_query(args.query, *bias, name);
     // [E], [1, E] and [1, 1, E] as in PyTorch; a [2, E / 2] bias would be reshaped silently.
     TORCH_CHECK(bias->dim() >= 1 && bias->dim() <= 3 && bias->sym_size(-1) == embed_dim &&
                     bias->sym_numel() == embed_dim,
@@ -219,7 +244,7 @@ void check_arguments(const Arguments& args) {
   check_bias_kv(args);
   check_masks(args);
   TORCH_CHECK_VALUE(args.dropout_p >= 0.0 && args.dropout_p <= 1.0, kOp,
-                    "`dropout_p` must be in [0, 1], but got ", args.dropout_p);
+                    "`dropout_p` must be in [0, 1], but got ", shortest_decimal(args.dropout_p));
 }
 
 }  // namespace torchmha::composite

@@ -9,8 +9,11 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace torchmha::composite {
@@ -23,11 +26,26 @@ int64_t ceil_div(int64_t numerator, int64_t denominator) {
   return (numerator + denominator - 1) / denominator;
 }
 
+// TORCHMHA_SCORE_BLOCK_BYTES, whole or refused: no "12abc" read as 12, no negative read as 1.
+// Beyond 1 TiB no block is meant, and four blocks' bytes must still fit in int64.
+int64_t parse_score_block_bytes(const char* text) {
+  constexpr int64_t kMaxBytes = int64_t{1} << 40;
+  const char* end = text + std::strlen(text);
+  int64_t bytes = 0;
+  const auto [parsed_to, error] = std::from_chars(text, end, bytes);
+  TORCH_CHECK_VALUE(error == std::errc() && parsed_to == end && bytes >= 1 && bytes <= kMaxBytes,
+                    "torchmha.multi_head_attention: the environment variable "
+                    "TORCHMHA_SCORE_BLOCK_BYTES must be a whole number of bytes from 1 to ",
+                    kMaxBytes, ", but got \"", text, "\"");
+  return bytes;
+}
+
 int64_t score_block_bytes() {
   // Tests shrink the blocks to reach many of them with small, gradcheck-sized inputs.
+  // A refused value throws out of the initialiser, so every call reports it again.
   static const int64_t bytes = [] {
     const char* configured = std::getenv("TORCHMHA_SCORE_BLOCK_BYTES");
-    return configured ? std::max<int64_t>(1, std::stoll(configured)) : int64_t{2} << 20;
+    return configured ? parse_score_block_bytes(configured) : int64_t{2} << 20;
   }();
   return bytes;
 }

@@ -243,6 +243,89 @@ TEST(BadLayouts, SparseAndNestedQuery) {
   expect_error_containing(call, {"dense `key`", "nested"});
 }
 
+// Weights and biases are refused by name as inputs are, whatever other layout they come in.
+TEST(BadLayouts, SparseAndMkldnnWeightsAndBiases) {
+  using Layout = std::pair<const char*, torch::Tensor (*)(const torch::Tensor&)>;
+  const Layout layouts[] = {
+      {"Sparse", [](const torch::Tensor& t) { return t.to_sparse(); }},
+      {"Mkldnn", [](const torch::Tensor& t) { return t.to_mkldnn(); }},
+  };
+  for (const auto& [layout, convert] : layouts) {
+    const auto refused = [&, layout = layout](const OpCall& call, const std::string& name) {
+      expect_error_containing(call, {"dense `" + name + "`", layout});
+    };
+    OpCall call;
+    call.in_proj_weight = convert(*call.in_proj_weight);
+    refused(call, "in_proj_weight");
+    call = OpCall();
+    call.in_proj_bias = convert(*call.in_proj_bias);
+    refused(call, "in_proj_bias");
+    call = OpCall();
+    call.out_proj_weight = convert(call.out_proj_weight);
+    refused(call, "out_proj_weight");
+    call = OpCall();
+    call.out_proj_bias = convert(*call.out_proj_bias);
+    refused(call, "out_proj_bias");
+    for (const auto* name : {"bias_k", "bias_v"}) {
+      call = OpCall();
+      call.bias_k = torch::randn({1, 1, kEmbedDim});
+      call.bias_v = torch::randn({1, 1, kEmbedDim});
+      auto& bias = std::string(name) == "bias_k" ? call.bias_k : call.bias_v;
+      bias = convert(*bias);
+      refused(call, name);
+    }
+    for (const auto* name : {"q_proj_weight", "k_proj_weight", "v_proj_weight"}) {
+      call = OpCall();
+      call.use_separate_weights(3, 5);
+      auto& weight = name[0] == 'q'   ? call.q_proj_weight
+                     : name[0] == 'k' ? call.k_proj_weight
+                                      : call.v_proj_weight;
+      weight = convert(*weight);
+      refused(call, name);
+    }
+  }
+}
+
+// An undefined C++ tensor is not a tensor of shape [0]: the message says it is undefined.
+TEST(UndefinedTensors, RequiredTensorsAreReportedAsUndefined) {
+  const std::pair<const char*, torch::Tensor OpCall::*> required[] = {
+      {"query", &OpCall::query},
+      {"key", &OpCall::key},
+      {"value", &OpCall::value},
+      {"out_proj_weight", &OpCall::out_proj_weight}};
+  for (const auto& [name, member] : required) {
+    OpCall call;
+    call.*member = torch::Tensor();
+    expect_error_containing(
+        call, {std::string("expected a defined `") + name + "`", "but got an undefined tensor"});
+  }
+}
+
+TEST(UndefinedTensors, ModulesReportThemAsUndefined) {
+  const auto x = torch::randn({2, 5, kEmbedDim});
+  torchmha::MultiHeadAttention attention(kEmbedDim, kHeads);
+  expect_error_containing([&] { attention(torch::Tensor(), x, x); },
+                          {"defined `query`", "undefined tensor"});
+  torchmha::TextbookMultiHeadAttention textbook(kHeads, kEmbedDim);
+  expect_error_containing([&] { textbook(x, x, torch::Tensor()); },
+                          {"defined `value`", "undefined tensor"});
+}
+
+// 3 * embed_dim sizes the packed projection: an embed_dim near 2^62 would overflow it.
+TEST(BadEmbedDim, TooLargeForThreeTimesItIsAValueError) {
+  constexpr int64_t kHuge = int64_t{1} << 62;
+  expect_value_error_containing(
+      [] { torchmha::MultiHeadAttention(torchmha::MultiHeadAttentionOptions(kHuge, 1)); },
+      {"embed_dim=" + std::to_string(kHuge), "too large", "3 * embed_dim"});
+  OpCall call;
+  call.num_heads = 1;
+  // A view of one element: the op sees the size without any memory behind it.
+  call.query = call.key = call.value = torch::zeros({1, 1, 1}).expand({1, 1, kHuge});
+  expect_value_error_containing(
+      call, {"embed_dim " + std::to_string(kHuge), "`query` [1, 1, " + std::to_string(kHuge) + "]",
+             "too large"});
+}
+
 TEST(BadDropout, OutsideZeroOneIsAValueError) {
   for (const double dropout : {-0.5, 1.5, std::numeric_limits<double>::quiet_NaN(),
                                std::numeric_limits<double>::infinity()}) {
@@ -250,6 +333,24 @@ TEST(BadDropout, OutsideZeroOneIsAValueError) {
     call.dropout_p = dropout;
     expect_value_error_containing(call, {"`dropout_p` must be in [0, 1]"});
   }
+}
+
+// Printed with the digits that set it apart from 1, not rounded to six digits ("got 1").
+TEST(BadDropout, JustAboveOneIsPrintedAsGiven) {
+  OpCall call;
+  call.dropout_p = 1.0000001;
+  expect_value_error_containing(call, {"but got 1.0000001"});
+  expect_value_error_containing(
+      [] {
+        torchmha::MultiHeadAttention(torchmha::MultiHeadAttentionOptions(8, 2).dropout(1.0000001));
+      },
+      {"dropout", "got 1.0000001"});
+  expect_value_error_containing(
+      [] {
+        torchmha::TextbookMultiHeadAttention(
+            torchmha::TextbookMultiHeadAttentionOptions(2, 8).dropout(1.0000001));
+      },
+      {"dropout", "got 1.0000001"});
 }
 
 TEST(BadDropout, OneDropsEveryProbability) {

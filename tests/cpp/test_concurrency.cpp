@@ -1,7 +1,9 @@
-// One module shared by eight threads doing inference at once gives the results of a serial run.
-// scripts/sanitize.sh also runs this test under ThreadSanitizer.
+// One module shared by eight threads doing inference at once gives the results of a serial run,
+// for the module and for the chapter's adapter (which keeps each call's probabilities in `attn`).
+// scripts/sanitize.sh also runs these tests under ThreadSanitizer.
 #include <torchmha/torchmha.h>
 
+#include <atomic>
 #include <thread>
 
 #include "test_helpers.h"
@@ -10,6 +12,8 @@ namespace {
 
 constexpr int kThreads = 8;
 constexpr int kCallsPerThread = 40;
+// The adapter's calls are short, and each one's write of `attn` is a chance for writes to meet.
+constexpr int kTextbookCallsPerThread = 160;
 
 struct Call {
   torch::Tensor query, memory, key_padding_mask;
@@ -79,6 +83,144 @@ TEST(Concurrency, EightThreadsShareOneModuleAndMatchASerialRun) {
     ASSERT_EQ(weights.defined(), expected_weights.defined()) << "call " << index;
     if (weights.defined()) {
       ASSERT_TRUE(torch::equal(weights, expected_weights)) << "call " << index;
+    }
+  }
+}
+
+struct TextbookCall {
+  torch::Tensor query, memory, mask;
+};
+
+// Self- and cross-attention, with and without the chapter's (B, 1, 1, S) padding mask.
+std::vector<TextbookCall> make_textbook_calls() {
+  std::vector<TextbookCall> calls;
+  for (int index = 0; index < kThreads * kTextbookCallsPerThread; ++index) {
+    const auto query = torch::randn({2, 4 + index % 3, 16});
+    const auto memory = index % 2 == 1 ? torch::randn({2, 6, 16}) : query;
+    auto mask = torch::rand({2, 1, 1, memory.size(1)}) > 0.3;
+    mask.index_put_({torch::indexing::Ellipsis, 0}, true);  // every query keeps a key
+    calls.push_back({query, memory, index % 4 < 2 ? mask : torch::Tensor()});
+  }
+  return calls;
+}
+
+torch::Tensor run(torchmha::TextbookMultiHeadAttention& attention, const TextbookCall& call) {
+  return attention(call.query, call.memory, call.memory, call.mask);
+}
+
+// Probabilities of a whole call: (B, h, L, S) rows that each sum to one.
+bool is_whole_attn(const torch::Tensor& attn) {
+  return attn.defined() && attn.dim() == 4 &&
+         torch::allclose(attn.sum(-1), torch::ones({}, attn.options()));
+}
+
+TEST(Concurrency, EightThreadsShareOneTextbookModuleAndMatchASerialRun) {
+  torch::set_num_threads(1);  // as above: the eight threads are the parallelism under test
+  torch::manual_seed(0);
+  torchmha::TextbookMultiHeadAttention attention(/*h=*/4, /*d_model=*/16);
+  attention->eval();
+  const auto calls = make_textbook_calls();
+
+  std::vector<torch::Tensor> serial_outputs, serial_attn;
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& call : calls) {
+      serial_outputs.push_back(run(attention, call));
+      serial_attn.push_back(attention->last_attn());
+    }
+  }
+
+  std::vector<torch::Tensor> concurrent(calls.size());
+  std::atomic<int> running{kThreads};
+  // A reader beside the writers sees the probabilities of some whole call every time.
+  int reads = 0;
+  bool every_read_whole = true;
+  std::thread reader([&] {
+    at::init_num_threads();
+    torch::NoGradGuard no_grad;
+    do {
+      every_read_whole = every_read_whole && is_whole_attn(attention->last_attn());
+      ++reads;
+    } while (running > 0);
+  });
+  std::vector<std::thread> threads;
+  for (int thread = 0; thread < kThreads; ++thread) {
+    threads.emplace_back([&, thread] {
+      at::init_num_threads();
+      torch::NoGradGuard no_grad;
+      for (size_t index = thread; index < calls.size(); index += kThreads) {
+        concurrent[index] = run(attention, calls[index]);
+      }
+      --running;
+    });
+  }
+  for (auto& thread : threads) {
+    thread.join();
+  }
+  reader.join();
+
+  for (size_t index = 0; index < calls.size(); ++index) {
+    ASSERT_TRUE(torch::equal(concurrent[index], serial_outputs[index])) << "call " << index;
+  }
+  EXPECT_TRUE(every_read_whole) << "of " << reads << " reads";
+  // `attn` holds the probabilities of the call that finished last, whichever it was.
+  const auto last = attention->last_attn();
+  EXPECT_TRUE(std::any_of(serial_attn.begin(), serial_attn.end(), [&](const torch::Tensor& attn) {
+    return attn.sizes() == last.sizes() && torch::equal(attn, last);
+  }));
+}
+
+// A model holding the adapter: cloning it assigns a clone of the adapter to a fresh one.
+struct Model : torch::nn::Cloneable<Model> {
+  Model() { reset(); }
+  void reset() override {
+    attention = register_module("attention", torchmha::TextbookMultiHeadAttention(4, 16));
+  }
+  torchmha::TextbookMultiHeadAttention attention{nullptr};
+};
+
+TEST(Concurrency, CloningBesideForwardCopiesTheParametersAndAWholeAttn) {
+  torch::set_num_threads(1);
+  torch::manual_seed(0);
+  auto model = std::make_shared<Model>();
+  model->eval();
+  const auto calls = make_textbook_calls();
+  {
+    torch::NoGradGuard no_grad;
+    run(model->attention, calls[0]);  // `attn` is defined from here on
+  }
+  std::atomic<int> running{kThreads};
+  std::vector<std::thread> threads;
+  for (int thread = 0; thread < kThreads; ++thread) {
+    threads.emplace_back([&, thread] {
+      at::init_num_threads();
+      torch::NoGradGuard no_grad;
+      for (size_t index = thread; index < calls.size(); index += kThreads) {
+        run(model->attention, calls[index]);
+      }
+      --running;
+    });
+  }
+  // Module::clone copies the adapter; a model's clone assigns the adapter's clone to its own.
+  std::vector<std::shared_ptr<torch::nn::Module>> clones;
+  do {
+    clones.push_back(model->attention->clone());
+    clones.push_back(model->clone());
+  } while (running > 0);
+  for (auto& thread : threads) {
+    thread.join();
+  }
+
+  const auto parameters = model->attention->named_parameters();
+  for (const auto& clone : clones) {
+    auto* attention = clone->as<torchmha::TextbookMultiHeadAttention>();
+    if (attention == nullptr) {
+      attention = clone->as<Model>()->attention.get();
+    }
+    ASSERT_NE(attention, model->attention.get());
+    EXPECT_TRUE(is_whole_attn(attention->last_attn()));
+    for (const auto& parameter : attention->named_parameters()) {
+      EXPECT_TRUE(torch::equal(parameter.value(), parameters[parameter.key()])) << parameter.key();
     }
   }
 }

@@ -4,7 +4,10 @@ shapes, dtypes and devices), never a crash or a silent answer. Empty and non-fin
 like ``torch.nn.MultiheadAttention``. (test_op.py holds the first messages; these are the rest.)
 """
 
+import json
 import math
+import subprocess
+import sys
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import pytest
@@ -247,6 +250,54 @@ CATALOGUE: Dict[str, Case] = {
 }
 
 
+# Weights and biases in another layout are refused by name, as inputs are.
+OTHER_LAYOUTS = {"sparse": (Tensor.to_sparse, "Sparse"), "mkldnn": (Tensor.to_mkldnn, "Mkldnn")}
+WEIGHTS_AND_BIASES = {
+    "in_proj_weight": {},
+    "in_proj_bias": {},
+    "out_proj_weight": {},
+    "out_proj_bias": {},
+    "bias_k": {"bias_k": torch.randn(1, 1, 8), "bias_v": torch.randn(1, 1, 8)},
+    "bias_v": {"bias_k": torch.randn(1, 1, 8), "bias_v": torch.randn(1, 1, 8)},
+    "q_proj_weight": separate_weights(3, 5),
+    "k_proj_weight": separate_weights(3, 5),
+    "v_proj_weight": separate_weights(3, 5),
+}
+
+
+def in_layout(name: str, base: Dict[str, Any], convert: Callable[[Tensor], Tensor]) -> Any:
+    """Overrides: ``base``, then the argument ``name`` converted to another layout."""
+
+    def overrides(arguments: Dict[str, Any]) -> Dict[str, Any]:
+        changed = {**base}
+        changed[name] = convert({**arguments, **base}[name])
+        return changed
+
+    return overrides
+
+
+for _name, _base in WEIGHTS_AND_BIASES.items():
+    for _layout, (_convert, _printed) in OTHER_LAYOUTS.items():
+        CATALOGUE[f"{_name}_{_layout}"] = (
+            in_layout(_name, _base, _convert),
+            RuntimeError,
+            f"expected a dense `{_name}`, but got a {_printed} tensor",
+        )
+
+CATALOGUE.update(
+    {
+        # Printed as given, not rounded to six digits ("but got 1").
+        "dropout_just_above_one": ({"dropout_p": 1.0000001}, ValueError, r"but got 1\.0000001$"),
+        # 3 * embed_dim would overflow int64; a one-element view has the size without the memory.
+        "embed_dim_near_2_62": (
+            same_input(torch.zeros(1, 1, 1).expand(1, 1, 2**62)),
+            ValueError,
+            r"embed_dim 4611686018427387904 \(the last dimension of `query`.*\) is too large",
+        ),
+    }
+)
+
+
 def call_op(overrides: Any) -> Tuple[Tensor, Optional[Tensor]]:
     arguments = valid_arguments()
     arguments.update(overrides(arguments) if callable(overrides) else overrides)
@@ -287,6 +338,63 @@ def test_bad_module_options_raise_value_error(
     """Both modules refuse the options ``torch.nn.MultiheadAttention`` refuses."""
     with pytest.raises(ValueError, match=pattern):
         module_type(*arguments)
+
+
+@pytest.mark.parametrize(
+    "module_type, arguments, pattern",
+    [
+        (torchmha.cpp.MultiHeadAttention, (8, 2, 1.0000001), r"dropout.*got 1\.0000001$"),
+        (torchmha.cpp.TextbookMultiHeadAttention, (2, 8, 1.0000001), r"dropout.*got 1\.0000001$"),
+        (torchmha.cpp.MultiHeadAttention, (2**62, 1), "embed_dim=4611686018427387904 is too large"),
+    ],
+)
+def test_cpp_module_options_are_printed_as_given(
+    module_type: Type[nn.Module], arguments: Tuple[Any, ...], pattern: str
+) -> None:
+    """The C++ modules print a refused value with all its digits, and refuse an ``embed_dim``
+    whose ``3 * embed_dim`` overflows before computing it."""
+    with pytest.raises(ValueError, match=pattern):
+        module_type(*arguments)
+
+
+BLOCK_BYTES_SCRIPT = """
+import json, os, sys
+import torch, torchmha
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+from test_bad_inputs import valid_arguments
+results = []
+for value in sys.argv[2:]:
+    os.environ["TORCHMHA_SCORE_BLOCK_BYTES"] = value
+    try:
+        torchmha.multi_head_attention(**valid_arguments(), need_weights=True)
+        results.append(None)
+    except Exception as error:
+        results.append([type(error).__name__, str(error)])
+print(json.dumps(results))
+"""
+
+
+def test_score_block_bytes_setting_is_parsed_whole_or_refused() -> None:
+    """``TORCHMHA_SCORE_BLOCK_BYTES`` (read once per process, so in a fresh one) refuses garbage,
+    trailing characters, zero, negative and out-of-range values with a message naming it and the
+    value; a valid value, given last since the first accepted value is kept, then works."""
+    refused = ["abc", "12abc", "0", "-5", "99999999999999999999", str(2**41), ""]
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_BYTES_SCRIPT, __file__, *refused, "96"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    for value, outcome in zip(refused, outcomes):
+        assert outcome is not None, f"{value!r} was accepted"
+        error_type, message = outcome
+        assert error_type == "ValueError", (value, outcome)
+        assert message.startswith("torchmha.multi_head_attention: "), (value, message)
+        assert "TORCHMHA_SCORE_BLOCK_BYTES must be a whole number of bytes from 1 to" in message
+        assert f'but got "{value}"' in message, (value, message)
+    assert outcomes[-1] is None, outcomes[-1]
 
 
 @pytest.mark.parametrize(

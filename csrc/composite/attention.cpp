@@ -73,12 +73,40 @@ bool weights_by_head_mean_kernel(const at::Tensor& query, bool average_heads, do
          query.sym_size(1).guard_int(__FILE__, __LINE__) <= max_heads;
 }
 
+at::Tensor cast_to(const at::Tensor& tensor, at::ScalarType dtype) {
+  return tensor.scalar_type() == dtype ? tensor : tensor.to(dtype);
+}
+
+// The blocks' out= GEMMs are not autocast: under autocast their operands are cast here as the
+// unblocked path's baddbmm and bmm would cast them (float32 masks, bias_k and bias_v included).
+std::tuple<at::Tensor, at::Tensor> blocks_in_gemm_dtype(const at::Tensor& query,
+                                                        const at::Tensor& key,
+                                                        const at::Tensor& value,
+                                                        const MaskedRows& fix, bool average_heads) {
+  const auto dtype = gemm_dtype(query);
+  MaskedRows masked = fix;
+  if (masked.mask) {
+    masked.mask = cast_to(*masked.mask, dtype);
+  }
+  return blocked_attention_with_weights(cast_to(query, dtype), cast_to(key, dtype),
+                                        cast_to(value, dtype), masked, average_heads);
+}
+
 }  // namespace
 
 bool is_concrete(const at::Tensor& tensor) {
   const auto* impl = tensor.unsafeGetTensorImpl();
   return !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides() &&
          !at::functionalization::impl::isFunctionalTensor(tensor);
+}
+
+at::ScalarType gemm_dtype(const at::Tensor& tensor) {
+  const auto device = tensor.device().type();
+  const bool autocast = at::autocast::is_autocast_available(device) &&
+                        at::autocast::is_autocast_enabled(device) && tensor.is_floating_point() &&
+                        tensor.scalar_type() != at::kDouble;
+  return autocast ? at::autocast::get_lower_precision_fp_from_device_type(device)
+                  : tensor.scalar_type();
 }
 
 at::Tensor contiguous_in_words(const at::Tensor& tensor) {
@@ -106,7 +134,8 @@ bool weights_in_cpu_blocks(const at::Tensor& query, int64_t score_elements, doub
                            const std::optional<at::Tensor>& mask) {
   return query.device().is_cpu() && is_concrete(query) && dropout_p == 0.0 &&
          !(mask && mask->requires_grad()) &&
-         scores_outgrow_a_block(score_elements, query.element_size());
+         scores_outgrow_a_block(score_elements,
+                                static_cast<int64_t>(c10::elementSize(gemm_dtype(query))));
 }
 
 double softmax_scale(const at::Tensor& query) {
@@ -142,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
   if (concrete &&
       weights_in_cpu_blocks(query, query.size(0) * query.size(1) * query.size(2) * key.size(2),
                             dropout_p, fix.mask)) {
-    return blocked_attention_with_weights(query, key, value, fix, average_heads);
+    return blocks_in_gemm_dtype(query, key, value, fix, average_heads);
   }
   const bool mask_needs_grad = fix.mask && fix.mask->requires_grad();
   if (weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {

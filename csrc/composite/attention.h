@@ -17,6 +17,10 @@ namespace torchmha::composite {
 // be updated in place and loops over its sizes are loops, not graph unrolling.
 bool is_concrete(const at::Tensor& tensor);
 
+// The dtype in which ATen's GEMMs compute with `tensor`: autocast's lower precision where autocast
+// is on for its device and casts it (a floating dtype but float64), else its own dtype.
+at::ScalarType gemm_dtype(const at::Tensor& tensor);
+
 // tensor.contiguous(), copied as 8-byte words where the innermost rows allow it, no gradient
 // flows (a dtype view has none) and the tensor has at least 1 MiB: the GPU's strided copy kernel
 // then indexes 2-4x fewer elements (2.6x faster at bfloat16 (8, 1024, 1024, 16) on an H200).
@@ -37,7 +41,8 @@ at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const
 
 // True when attention_with_weights computes on the CPU block by block (blocked_attention.h): a
 // concrete CPU query, no dropout, a mask without grad and (N, H, L, S) scores of `score_elements`
-// beyond four blocks. Judged from sizes, so the op can lay out the projections before making them.
+// (in the query's gemm_dtype) beyond four blocks. Judged from sizes, so the op can lay out the
+// projections before making them.
 bool weights_in_cpu_blocks(const at::Tensor& query, int64_t score_elements, double dropout_p,
                            const std::optional<at::Tensor>& mask);
 

@@ -134,8 +134,9 @@ bool weights_read_projection_in_place(const Arguments& args, const std::optional
   const int64_t packed_rows = args.query.is_same(args.key) && args.key.is_same(args.value) ? 3
                               : args.key.is_same(args.value)                               ? 2
                                                                                            : 1;
+  const auto element_size = static_cast<int64_t>(c10::elementSize(gemm_dtype(args.query)));
   const int64_t row_bytes =
-      packed_rows * embed_dim * (args.is_batch_first() ? 1 : batch) * args.query.element_size();
+      packed_rows * embed_dim * (args.is_batch_first() ? 1 : batch) * element_size;
   return source_len * row_bytes <= kMaxKeySpanReadInPlace;
 }
 

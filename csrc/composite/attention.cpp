@@ -7,6 +7,7 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <array>
 #include <cmath>
@@ -22,6 +23,14 @@ MaskedRows fix_fully_masked_rows(std::optional<at::Tensor> mask) {
   }
   auto rows = mask->isneginf().all(-1, /*keepdim=*/true);
   return {mask->masked_fill(rows, 0), rows};
+}
+
+// Forward-mode AD (torch.autograd.forward_ad) has no formula for out= ops nor C++ Functions (the
+// CPU's blocks, the head-mean kernel's autograd).
+bool carries_forward_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const std::optional<at::Tensor>& mask) {
+  const auto dual = [](const at::Tensor& tensor) { return tensor._fw_grad(/*level=*/0).defined(); };
+  return dual(query) || dual(key) || dual(value) || (mask && dual(*mask));
 }
 
 bool needs_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -70,6 +79,8 @@ bool weights_by_head_mean_kernel(const at::Tensor& query, bool average_heads, do
          has_head_mean_softmax_kernel(query.device().type()) &&
          // Under autocast, softmax would return float32 weights; the explicit path keeps that.
          !at::autocast::is_autocast_enabled(query.device().type()) &&
+         // The kernel's autograd is a C++ Function, which no torch.func transform takes.
+         !under_function_transform() &&
          query.sym_size(1).guard_int(__FILE__, __LINE__) <= max_heads;
 }
 
@@ -94,10 +105,16 @@ std::tuple<at::Tensor, at::Tensor> blocks_in_gemm_dtype(const at::Tensor& query,
 
 }  // namespace
 
+bool under_function_transform() {
+  // functorch includes this key in the thread's dispatch keys exactly while its stack of
+  // transforms is not empty, the condition under which torch::autograd::Function refuses to run.
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
 bool is_concrete(const at::Tensor& tensor) {
   const auto* impl = tensor.unsafeGetTensorImpl();
   return !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides() &&
-         !at::functionalization::impl::isFunctionalTensor(tensor);
+         !at::functionalization::impl::isFunctionalTensor(tensor) && !under_function_transform();
 }
 
 at::ScalarType gemm_dtype(const at::Tensor& tensor) {
@@ -164,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
                                                           std::optional<at::Tensor> mask,
                                                           double dropout_p, bool average_heads) {
   const bool differentiable = needs_autograd(query, key, value, mask);
-  const bool concrete = is_concrete(query) && is_concrete(key) && is_concrete(value);
+  const bool forward_ad = carries_forward_grad(query, key, value, mask);
+  const bool concrete = is_concrete(query) && is_concrete(key) && is_concrete(value) && !forward_ad;
   const MaskedRows fix = fix_fully_masked_rows(mask);
 
   // On the CPU, large scores go block by block (any other case composes ATen ops directly).
@@ -174,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
     return blocks_in_gemm_dtype(query, key, value, fix, average_heads);
   }
   const bool mask_needs_grad = fix.mask && fix.mask->requires_grad();
-  if (weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {
+  if (!forward_ad &&
+      weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {
     // Scores with the unfixed mask: a fully masked row is all -inf, which adds zero weight.
     auto weights = head_mean_softmax(head_scores(query, key, mask));
     return {sdpa(query, key, value, fix, 0.0, /*is_causal=*/false), std::move(weights)};

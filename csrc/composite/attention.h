@@ -13,8 +13,13 @@ namespace torchmha::composite {
 // attention is not allowed) and broadcastable to (N, H, L, S). A query row whose keys are all
 // masked attends to nothing: a zero output row, zero weights, finite gradients.
 
-// A real tensor with concrete sizes: not traced (fake, functional or symbolic), so its data may
-// be updated in place and loops over its sizes are loops, not graph unrolling.
+// True while a torch.func transform (grad, vjp, jacrev, jacfwd, vmap) runs: functorch then wraps
+// tensors and supports no C++ autograd Function, so the op composes plain ATen ops only.
+bool under_function_transform();
+
+// A real tensor with concrete sizes: not traced (fake, functional or symbolic) and not under a
+// torch.func transform, so its data may be updated in place, loops over its sizes are loops, not
+// graph unrolling, and the CPU's blocks (a C++ autograd Function) may take it.
 bool is_concrete(const at::Tensor& tensor);
 
 // The dtype in which ATen's GEMMs compute with `tensor`: autocast's lower precision where autocast

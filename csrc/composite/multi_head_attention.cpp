@@ -241,4 +241,12 @@ TORCH_LIBRARY_IMPL(torchmha, CompositeImplicitAutograd, m) {
   m.impl("multi_head_attention", &multi_head_attention);
 }
 
+// Under vmap the same composition runs once on the batched tensors, as PyTorch's module does,
+// instead of functorch's fallback calling the op per sample: the fallback loses vmap's randomness
+// modes (dropout would differ between samples under randomness="same", and never raise under
+// "error").
+TORCH_LIBRARY_IMPL(torchmha, FuncTorchBatchedDecomposition, m) {
+  m.impl("multi_head_attention", &multi_head_attention);
+}
+
 }  // namespace torchmha::composite

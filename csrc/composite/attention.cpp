@@ -7,6 +7,7 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <array>
 #include <cmath>
@@ -22,6 +23,14 @@ MaskedRows fix_fully_masked_rows(std::optional<at::Tensor> mask) {
   }
   auto rows = mask->isneginf().all(-1, /*keepdim=*/true);
   return {mask->masked_fill(rows, 0), rows};
+}
+
+// Forward-mode AD (torch.autograd.forward_ad) has no formula for out= ops nor C++ Functions (the
+// CPU's blocks, the head-mean kernel's autograd).
+bool carries_forward_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                          const std::optional<at::Tensor>& mask) {
+  const auto dual = [](const at::Tensor& tensor) { return tensor._fw_grad(/*level=*/0).defined(); };
+  return dual(query) || dual(key) || dual(value) || (mask && dual(*mask));
 }
 
 bool needs_autograd(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -69,15 +78,51 @@ bool weights_by_head_mean_kernel(const at::Tensor& query, bool average_heads, do
          has_head_mean_softmax_kernel(query.device().type()) &&
          // Under autocast, softmax would return float32 weights; the explicit path keeps that.
          !at::autocast::is_autocast_enabled(query.device().type()) &&
+         // The kernel's autograd is a C++ Function, which no torch.func transform takes.
+         !under_function_transform() &&
          query.sym_size(1).guard_int(__FILE__, __LINE__) <= max_heads;
+}
+
+at::Tensor cast_to(const at::Tensor& tensor, at::ScalarType dtype) {
+  return tensor.scalar_type() == dtype ? tensor : tensor.to(dtype);
+}
+
+// The blocks' out= GEMMs are not autocast: under autocast their operands are cast here as the
+// unblocked path's baddbmm and bmm would cast them (float32 masks, bias_k and bias_v included).
+std::tuple<at::Tensor, at::Tensor> blocks_in_gemm_dtype(const at::Tensor& query,
+                                                        const at::Tensor& key,
+                                                        const at::Tensor& value,
+                                                        const MaskedRows& fix, bool average_heads) {
+  const auto dtype = gemm_dtype(query);
+  MaskedRows masked = fix;
+  if (masked.mask) {
+    masked.mask = cast_to(*masked.mask, dtype);
+  }
+  return blocked_attention_with_weights(cast_to(query, dtype), cast_to(key, dtype),
+                                        cast_to(value, dtype), masked, average_heads);
 }
 
 }  // namespace
 
+bool under_function_transform() {
+  // functorch includes this key in the thread's dispatch keys exactly while its stack of
+  // transforms is not empty, the condition under which torch::autograd::Function refuses to run.
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
 bool is_concrete(const at::Tensor& tensor) {
   const auto* impl = tensor.unsafeGetTensorImpl();
   return !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides() &&
-         !at::functionalization::impl::isFunctionalTensor(tensor);
+         !at::functionalization::impl::isFunctionalTensor(tensor) && !under_function_transform();
+}
+
+at::ScalarType gemm_dtype(const at::Tensor& tensor) {
+  const auto device = tensor.device().type();
+  const bool autocast = at::autocast::is_autocast_available(device) &&
+                        at::autocast::is_autocast_enabled(device) && tensor.is_floating_point() &&
+                        tensor.scalar_type() != at::kDouble;
+  return autocast ? at::autocast::get_lower_precision_fp_from_device_type(device)
+                  : tensor.scalar_type();
 }
 
 at::Tensor contiguous_in_words(const at::Tensor& tensor) {
@@ -105,7 +150,8 @@ bool weights_in_cpu_blocks(const at::Tensor& query, int64_t score_elements, doub
                            const std::optional<at::Tensor>& mask) {
   return query.device().is_cpu() && is_concrete(query) && dropout_p == 0.0 &&
          !(mask && mask->requires_grad()) &&
-         scores_outgrow_a_block(score_elements, query.element_size());
+         scores_outgrow_a_block(score_elements,
+                                static_cast<int64_t>(c10::elementSize(gemm_dtype(query))));
 }
 
 double softmax_scale(const at::Tensor& query) {
@@ -134,17 +180,19 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
                                                           std::optional<at::Tensor> mask,
                                                           double dropout_p, bool average_heads) {
   const bool differentiable = needs_autograd(query, key, value, mask);
-  const bool concrete = is_concrete(query) && is_concrete(key) && is_concrete(value);
+  const bool forward_ad = carries_forward_grad(query, key, value, mask);
+  const bool concrete = is_concrete(query) && is_concrete(key) && is_concrete(value) && !forward_ad;
   const MaskedRows fix = fix_fully_masked_rows(mask);
 
   // On the CPU, large scores go block by block (any other case composes ATen ops directly).
   if (concrete &&
       weights_in_cpu_blocks(query, query.size(0) * query.size(1) * query.size(2) * key.size(2),
                             dropout_p, fix.mask)) {
-    return blocked_attention_with_weights(query, key, value, fix, average_heads);
+    return blocks_in_gemm_dtype(query, key, value, fix, average_heads);
   }
   const bool mask_needs_grad = fix.mask && fix.mask->requires_grad();
-  if (weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {
+  if (!forward_ad &&
+      weights_by_head_mean_kernel(query, average_heads, dropout_p, mask_needs_grad)) {
     // Scores with the unfixed mask: a fully masked row is all -inf, which adds zero weight.
     auto weights = head_mean_softmax(head_scores(query, key, mask));
     return {sdpa(query, key, value, fix, 0.0, /*is_causal=*/false), std::move(weights)};

@@ -13,9 +13,18 @@ namespace torchmha::composite {
 // attention is not allowed) and broadcastable to (N, H, L, S). A query row whose keys are all
 // masked attends to nothing: a zero output row, zero weights, finite gradients.
 
-// A real tensor with concrete sizes: not traced (fake, functional or symbolic), so its data may
-// be updated in place and loops over its sizes are loops, not graph unrolling.
+// True while a torch.func transform (grad, vjp, jacrev, jacfwd, vmap) runs: functorch then wraps
+// tensors and supports no C++ autograd Function, so the op composes plain ATen ops only.
+bool under_function_transform();
+
+// A real tensor with concrete sizes: not traced (fake, functional or symbolic) and not under a
+// torch.func transform, so its data may be updated in place, loops over its sizes are loops, not
+// graph unrolling, and the CPU's blocks (a C++ autograd Function) may take it.
 bool is_concrete(const at::Tensor& tensor);
+
+// The dtype in which ATen's GEMMs compute with `tensor`: autocast's lower precision where autocast
+// is on for its device and casts it (a floating dtype but float64), else its own dtype.
+at::ScalarType gemm_dtype(const at::Tensor& tensor);
 
 // tensor.contiguous(), copied as 8-byte words where the innermost rows allow it, no gradient
 // flows (a dtype view has none) and the tensor has at least 1 MiB: the GPU's strided copy kernel
@@ -37,7 +46,8 @@ at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const
 
 // True when attention_with_weights computes on the CPU block by block (blocked_attention.h): a
 // concrete CPU query, no dropout, a mask without grad and (N, H, L, S) scores of `score_elements`
-// beyond four blocks. Judged from sizes, so the op can lay out the projections before making them.
+// (in the query's gemm_dtype) beyond four blocks. Judged from sizes, so the op can lay out the
+// projections before making them.
 bool weights_in_cpu_blocks(const at::Tensor& query, int64_t score_elements, double dropout_p,
                            const std::optional<at::Tensor>& mask);
 

@@ -2,6 +2,8 @@
 // a kernel of its own runs (Meta included), and the autograd formula every kernel shares.
 #include "head_mean_softmax.h"
 
+#include "attention.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/TensorOptions.h>
@@ -53,6 +55,11 @@ struct HeadMeanSoftmax : public torch::autograd::Function<HeadMeanSoftmax> {
 };
 
 at::Tensor autograd_head_mean_softmax(const at::Tensor& scores) {
+  if (under_function_transform() || scores._fw_grad(/*level=*/0).defined()) {
+    // A C++ autograd Function has no forward-mode formula and no torch.func support: there the
+    // composition, differentiable through its ATen ops.
+    return composite_head_mean_softmax(scores);
+  }
   return HeadMeanSoftmax::apply(scores);
 }
 

@@ -134,8 +134,9 @@ bool weights_read_projection_in_place(const Arguments& args, const std::optional
   const int64_t packed_rows = args.query.is_same(args.key) && args.key.is_same(args.value) ? 3
                               : args.key.is_same(args.value)                               ? 2
                                                                                            : 1;
+  const auto element_size = static_cast<int64_t>(c10::elementSize(gemm_dtype(args.query)));
   const int64_t row_bytes =
-      packed_rows * embed_dim * (args.is_batch_first() ? 1 : batch) * args.query.element_size();
+      packed_rows * embed_dim * (args.is_batch_first() ? 1 : batch) * element_size;
   return source_len * row_bytes <= kMaxKeySpanReadInPlace;
 }
 
@@ -237,6 +238,14 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchmha, CompositeImplicitAutograd, m) {
+  m.impl("multi_head_attention", &multi_head_attention);
+}
+
+// Under vmap the same composition runs once on the batched tensors, as PyTorch's module does,
+// instead of functorch's fallback calling the op per sample: the fallback loses vmap's randomness
+// modes (dropout would differ between samples under randomness="same", and never raise under
+// "error").
+TORCH_LIBRARY_IMPL(torchmha, FuncTorchBatchedDecomposition, m) {
   m.impl("multi_head_attention", &multi_head_attention);
 }
 

@@ -1,6 +1,6 @@
 // The catalogue of bad inputs: each one gets a c10::Error naming the argument and its shape,
 // never a crash or a silent answer. Empty and non-finite inputs behave like LibTorch's module.
-// (test_textbook_and_errors.cpp holds the first messages; these cases are the rest.)
+// (test_error_messages.cpp holds the first messages; these cases are the rest.)
 #include <torchmha/torchmha.h>
 
 #include <array>

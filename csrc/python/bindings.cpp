@@ -232,5 +232,5 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("query"), py::arg("key"), py::arg("value"), py::arg("mask") = py::none())
       .def_property_readonly(
-          "attn", [](const TextbookMultiHeadAttentionImpl& module) { return module.attn; });
+          "attn", [](const TextbookMultiHeadAttentionImpl& module) { return module.last_attn(); });
 }

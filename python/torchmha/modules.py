@@ -55,6 +55,8 @@ class MultiHeadAttention(AllOrNothingLoading):
                 "embed_dim and num_heads must be greater than 0, "
                 f"got embed_dim={embed_dim} and num_heads={num_heads} instead"
             )
+        if 3 * embed_dim > torch.iinfo(torch.int64).max:
+            raise ValueError(f"embed_dim={embed_dim} is too large: 3 * embed_dim must fit in int64")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if not 0.0 <= dropout <= 1.0:

@@ -330,6 +330,7 @@ def test_nested_key_is_refused_by_name() -> None:
         ((8, -1), "num_heads.*-1"),
         ((8, 3), "divisible by num_heads 3"),
         ((8, 2, 1.5), "dropout.*1.5"),
+        ((2**62, 1), "embed_dim.*4611686018427387904"),
     ],
 )
 def test_bad_module_options_raise_value_error(

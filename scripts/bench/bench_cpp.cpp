@@ -1,5 +1,5 @@
 // Times multi-head attention from a pure C++ loop (no Python): torchmha::MultiHeadAttention and
-// LibTorch's torch::nn::MultiheadAttention, on weights and an input that scripts/bench/bench.py saved.
+// LibTorch's torch::nn::MultiheadAttention, on weights and an input that bench.py saved.
 //
 // Usage: torchmha_bench <state_dict.pt> <input.pt> <num_heads> <cpu|cuda>
 //                       <float32|bfloat16|float16> <inference|training> <threads> <rounds> <calls>

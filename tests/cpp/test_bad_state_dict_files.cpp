@@ -3,61 +3,18 @@
 // every weight it had.
 #include <caffe2/serialize/inline_container.h>
 #include <torchmha/torchmha.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <filesystem>
-#include <fstream>
-#include <iterator>
-#include <map>
 
+#include "state_dict_files.h"
 #include "test_helpers.h"
 
 namespace {
 
 using torchmha::testing::expect_error_containing;
-
-// A file in the temporary folder, unique to this process, removed at the end of the test.
-class TempFile {
- public:
-  explicit TempFile(const std::string& name)
-      : path_(std::filesystem::temp_directory_path() /
-              ("torchmha_" + std::to_string(getpid()) + "_" + name)) {}
-  ~TempFile() { std::filesystem::remove(path_); }
-  std::string path() const { return path_.string(); }
-  std::string read() const {
-    std::ifstream stream(path_, std::ios::binary);
-    return {std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>()};
-  }
-  void write(const std::string& bytes) const {
-    std::ofstream(path_, std::ios::binary | std::ios::trunc) << bytes;
-  }
-
- private:
-  std::filesystem::path path_;
-};
-
-std::map<std::string, torch::Tensor> snapshot(const torch::nn::Module& module) {
-  std::map<std::string, torch::Tensor> values;
-  for (const auto& item : module.named_parameters()) {
-    values[item.key()] = item.value().detach().clone();
-  }
-  return values;
-}
-
-bool has_values(const torch::nn::Module& module, const std::map<std::string, torch::Tensor>& want) {
-  const auto parameters = module.named_parameters();
-  if (parameters.size() != want.size()) {
-    return false;
-  }
-  for (const auto& item : parameters) {
-    const auto found = want.find(item.key());
-    if (found == want.end() || !torch::equal(item.value(), found->second)) {
-      return false;
-    }
-  }
-  return true;
-}
+using torchmha::testing::has_values;
+using torchmha::testing::snapshot;
+using torchmha::testing::TempFile;
 
 // A saved random module, and a second module of the same shape with other weights to load into.
 struct SavedModule {

@@ -129,6 +129,8 @@ struct MisfitTensor {
   std::vector<int64_t> strides;
 };
 
+void PrintTo(const MisfitTensor& misfit, std::ostream* stream) { *stream << misfit.name; }
+
 class MisfitTensors : public ::testing::TestWithParam<MisfitTensor> {};
 
 // The bug this guards against: LibTorch's unpickler sizes each storage by the pickle's count,

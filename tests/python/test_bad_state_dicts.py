@@ -303,6 +303,19 @@ def test_rewritten_archive_without_edits_loads_in_cpp(saved: Dict[str, object], 
     assert_values(load_cpp(path), saved["values"])
 
 
+def test_tensors_saved_on_a_gpu_load_on_the_cpu(saved: Dict[str, object], tmp_path: Path):
+    """Storages stay on the CPU until checked: LibTorch's unpickler moved each to the device it
+    was saved from (reading it, whatever its record held), and failed without CUDA."""
+    path = tmp_path / "from_gpu.pt"
+
+    def saved_on_gpu(state: Dict[str, _TensorArgs]) -> None:
+        for tensor in state.values():
+            tensor.storage.pid[3] = "cuda:0"
+
+    rewrite_archive(saved["path"], path, saved_on_gpu)
+    assert_values(load_cpp(path), saved["values"])
+
+
 def test_compressed_archive_is_refused_in_cpp(saved: Dict[str, object], tmp_path: Path) -> None:
     """LibTorch inflates without checking CRC-32: a flipped bit loaded a wrong weight."""
     path = tmp_path / "deflated.pt"

@@ -143,16 +143,22 @@ def test_truncated_file_is_an_error(
     assert_values(module, before)
 
 
+def record_data_offset(path: Path, record: str) -> int:
+    """Where the (stored or compressed) data of ``record`` starts in the zip file at ``path``."""
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        header = next(i for i in archive.infolist() if i.filename.endswith(record)).header_offset
+    # The data starts after the 30-byte local header, the name and the extra field.
+    name_length = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28 : header + 30], "little")
+    return header + 30 + name_length + extra_length
+
+
 def test_corrupted_tensor_data_is_an_error_in_cpp(saved: Dict[str, object], tmp_path: Path) -> None:
     """A flipped bit in a tensor: torch.load returns a wrong weight, torchmha's loader refuses."""
     path = tmp_path / "corrupted.pt"
     data = bytearray(saved["bytes"])
-    with zipfile.ZipFile(saved["path"]) as archive:
-        info = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
-    # The data starts after the 30-byte local header, the name and the extra field.
-    name_length = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
-    extra_length = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
-    data[info.header_offset + 30 + name_length + extra_length + 3] ^= 0x10
+    data[record_data_offset(saved["path"], "data/0") + 3] ^= 0x10
     path.write_bytes(bytes(data))
     loaded = torch.load(path)
     assert not all(torch.equal(loaded[k], v) for k, v in saved["values"].items())
@@ -218,13 +224,8 @@ class _TensorArgs:
     """The arguments of ``torch._utils._rebuild_tensor_v2``, pickled back as they were."""
 
     def __init__(self, storage: _StorageRef, offset: int, size: Any, stride: Any, *rest: Any):
-        self.storage, self.offset, self.size, self.stride, self.rest = (
-            storage,
-            offset,
-            tuple(size),
-            tuple(stride),
-            rest,
-        )
+        self.storage, self.offset, self.rest = storage, offset, rest
+        self.size, self.stride = tuple(size), tuple(stride)
 
     def __reduce__(self) -> Tuple[Any, ...]:
         args = (self.storage, self.offset, self.size, self.stride, *self.rest)
@@ -324,27 +325,30 @@ def test_compressed_archive_is_refused_in_cpp(saved: Dict[str, object], tmp_path
     assert all(torch.equal(loaded[k], v) for k, v in saved["values"].items())
     load_cpp_refused(path, r"the record .* is compressed .*torch.save\(\) never compresses")
     data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as archive:
-        info = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
-    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 4] ^= 0x01
+    data[record_data_offset(path, "data/0") + 4] ^= 0x01
     path.write_bytes(bytes(data))
     load_cpp_refused(path, "is compressed")
 
 
 def _oversized_file(tmp_path: Path) -> Path:
+    """One byte over torchmha::kMaxStateDictFileBytes (64 GiB)."""
     path = tmp_path / "oversized.pt"
     with open(path, "wb") as file:
         file.truncate((1 << 36) + 1)  # sparse: nothing is written
     return path
 
 
+def _named_pipe(tmp_path: Path) -> Path:
+    """A pipe with no writer: opening it to read would block forever."""
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
 NOT_REGULAR = {
     "device": (lambda tmp_path: Path("/dev/zero"), "is a character device, not a regular file"),
     "directory": (lambda tmp_path: tmp_path, "is a directory, not a regular file"),
-    "named_pipe": (
-        lambda tmp_path: (os.mkfifo(tmp_path / "pipe"), tmp_path / "pipe")[1],
-        "is a named pipe, not a regular file",
-    ),
+    "named_pipe": (_named_pipe, "is a named pipe, not a regular file"),
     "oversized": (_oversized_file, r"more than the 68719476736 bytes \(64 GiB\)"),
 }
 

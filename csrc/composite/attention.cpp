@@ -83,6 +83,11 @@ bool weights_by_head_mean_kernel(const at::Tensor& query, bool average_heads, do
          query.sym_size(1).guard_int(__FILE__, __LINE__) <= max_heads;
 }
 
+// Asked only of devices autocast knows: it refuses any other (Meta, for one).
+bool autocast_enabled_on(c10::DeviceType device) {
+  return at::autocast::is_autocast_available(device) && at::autocast::is_autocast_enabled(device);
+}
+
 at::Tensor cast_to(const at::Tensor& tensor, at::ScalarType dtype) {
   return tensor.scalar_type() == dtype ? tensor : tensor.to(dtype);
 }
@@ -118,8 +123,7 @@ bool is_concrete(const at::Tensor& tensor) {
 
 at::ScalarType gemm_dtype(const at::Tensor& tensor) {
   const auto device = tensor.device().type();
-  const bool autocast = at::autocast::is_autocast_available(device) &&
-                        at::autocast::is_autocast_enabled(device) && tensor.is_floating_point() &&
+  const bool autocast = autocast_enabled_on(device) && tensor.is_floating_point() &&
                         tensor.scalar_type() != at::kDouble;
   return autocast ? at::autocast::get_lower_precision_fp_from_device_type(device)
                   : tensor.scalar_type();
@@ -202,8 +206,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& quer
   const c10::SymInt batch_heads = sizes[0] * sizes[1];
   const c10::SymInt source_len = key.sym_size(2);
   auto scores = head_scores(query, key, fix.mask);
-  // Without autograd nothing keeps the scores, so each step may overwrite them.
-  const bool in_place = !differentiable && concrete;
+  // Without autograd nothing keeps the scores, so each step may overwrite them; but the out=
+  // softmax escapes autocast, which on CUDA gives float32 probabilities, as PyTorch's module has.
+  const bool in_place = !differentiable && concrete && !autocast_enabled_on(query.device().type());
   auto probabilities =
       in_place ? at::_softmax_out(scores, scores, -1, false) : at::softmax(scores, -1);
   if (fix.fully_masked_rows) {

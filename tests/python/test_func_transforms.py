@@ -274,7 +274,7 @@ def test_low_precision_transform_no_worse_than_pytorch(
 
 
 def _check_blocked_path() -> None:
-    """Run with TORCHMHA_SCORE_BLOCK_BYTES shrunk: every weights path, mask and transform."""
+    """Run with TORCHMHA_SCORE_BLOCK_BYTES shrunk: every transform on BLOCKED_CASES."""
     _, ours = make_pair()
     query = torch.randn(BATCH, TARGET_LEN, EMBED_DIM, dtype=F64, requires_grad=True)
     memory = torch.randn(BATCH, SOURCE_LEN, EMBED_DIM, dtype=F64)

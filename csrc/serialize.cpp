@@ -2,6 +2,7 @@
 // First: caffe2/serialize/in_memory_adapter.h uses off_t without including its header.
 #include <sys/types.h>
 
+#include <ATen/Context.h>
 #include <c10/util/safe_numerics.h>
 #include <caffe2/serialize/in_memory_adapter.h>
 #include <caffe2/serialize/inline_container.h>
@@ -163,11 +164,21 @@ std::optional<std::pair<std::string, uint32_t>> first_compressed(
   return std::nullopt;
 }
 
+// A record's bytes inside the file that was read, after its CRC-32 check.
+struct RecordSpan {
+  const char* data = nullptr;
+  size_t size = 0;
+};
+using VerifiedRecords = std::map<std::string, RecordSpan>;
+
 // LibTorch's reader (like torch.load) ignores the CRC-32 that torch.save writes for each record,
-// so a flipped byte in a tensor would load as a wrong weight; check every record here.
-void verify_records(caffe2::serialize::PyTorchStreamReader& reader,
-                    const std::vector<char>& bytes) {
+// so a flipped byte in a tensor would load as a wrong weight; check every record here. The bytes
+// checked are the bytes loaded: every record is read from the file's own bytes, never through the
+// zip reader, which returns an unfilled buffer for an entry whose directory flags are corrupted.
+VerifiedRecords verify_records(caffe2::serialize::PyTorchStreamReader& reader,
+                               const std::vector<char>& bytes) {
   constexpr uint32_t kDataDescriptorSignature = 0x08074b50;
+  VerifiedRecords records;
   for (const auto& name : reader.getAllRecords()) {
     const size_t header = reader.getRecordHeaderOffset(name);
     const uint32_t flags = read_le(bytes, header + 6, 2, name);
@@ -194,15 +205,12 @@ void verify_records(caffe2::serialize::PyTorchStreamReader& reader,
       }
     }
     const uint32_t stored = read_le(bytes, crc_offset, 4, name);
-    if (stored == 0) {
-      continue;  // Written without checksums (torch.serialization.set_crc32_options(False)).
-    }
-    // Check what the reader returns, not the bytes in the file: for an entry whose directory
-    // flag or compressed size is corrupted, the reader returns an unfilled buffer.
-    const auto [data, data_size] = reader.getRecord(name);
-    TORCH_CHECK(data_size == size && stored == crc32(static_cast<const char*>(data.get()), size),
-                "the record ", name, " fails its CRC-32 check (the file is corrupted)");
+    // 0: written without checksums (torch.serialization.set_crc32_options(False)).
+    TORCH_CHECK(stored == 0 || stored == crc32(bytes.data() + offset, size), "the record ", name,
+                " fails its CRC-32 check (the file is corrupted)");
+    records[name] = {bytes.data() + offset, size};
   }
+  return records;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,9 +399,8 @@ std::optional<std::vector<int64_t>> int_tuple(const PickleValue& value) {
 // that does not fit.
 class PickleCheck {
  public:
-  PickleCheck(const char* data, size_t size, caffe2::serialize::PyTorchStreamReader& reader,
-              std::string path)
-      : data_(data), size_(size), reader_(reader), path_(std::move(path)) {}
+  PickleCheck(const char* data, size_t size, const VerifiedRecords& records, std::string path)
+      : data_(data), size_(size), records_(records), path_(std::move(path)) {}
 
   void run() {
     TORCH_CHECK(read_byte() == 0x80, kPrefix, path_,
@@ -550,8 +557,8 @@ class PickleCheck {
     storage.number = static_cast<int64_t>(bytes);
     if (numel > 0 && !storage.refused()) {  // The unpickler reads no record for none.
       storage.refuse(storage_problem(bytes, storage.text(),
-                                     reader_.hasRecord(record)
-                                         ? std::optional<size_t>(reader_.getRecordSize(record))
+                                     records_.count(record) != 0
+                                         ? std::optional<size_t>(records_.at(record).size)
                                          : std::nullopt));
     }
     return storage;
@@ -741,7 +748,7 @@ class PickleCheck {
 
   const char* data_;
   size_t size_;
-  caffe2::serialize::PyTorchStreamReader& reader_;
+  const VerifiedRecords& records_;
   std::string path_;
   size_t position_ = 0;
   std::vector<PickleValue> stack_;
@@ -761,7 +768,7 @@ using RecordsByData = std::unordered_map<const void*, Record>;
 
 // LibTorch's unpickler with every storage on the CPU (moving one to a device would read it),
 // remembering which record each storage's data came from.
-c10::IValue unpickle(caffe2::serialize::PyTorchStreamReader& reader, const char* pickle,
+c10::IValue unpickle(const VerifiedRecords& verified, uint64_t version, const char* pickle,
                      size_t pickle_size, RecordsByData& records) {
   size_t consumed = 0;
   auto read_pickle = [&](char* buffer, size_t length) -> size_t {
@@ -772,13 +779,19 @@ c10::IValue unpickle(caffe2::serialize::PyTorchStreamReader& reader, const char*
   };
   auto read_record = [&](const std::string& key) {
     const std::string name = "data/" + key;
-    auto [data, size] = reader.getRecord(name);
-    records[data.get()] = {name, size};
-    return std::move(data);
+    const auto found = verified.find(name);
+    TORCH_CHECK(found != verified.end(), "the record ", name, " is missing");
+    const RecordSpan span = found->second;
+    at::DataPtr data = at::getCPUAllocator()->allocate(span.size);
+    if (span.size > 0) {
+      std::memcpy(data.get(), span.data, span.size);
+    }
+    records[data.get()] = {name, span.size};
+    return data;
   };
   torch::jit::Unpickler unpickler(read_pickle, /*type_resolver=*/nullptr, /*obj_loader=*/nullptr,
                                   read_record, /*device=*/at::Device(at::kCPU));
-  unpickler.set_version(reader.version());
+  unpickler.set_version(version);
   return unpickler.parse_ivalue();
 }
 
@@ -811,15 +824,14 @@ std::map<std::string, at::Tensor> read_state_dict(const std::vector<char>& bytes
                                                   const std::string& path) {
   std::optional<caffe2::serialize::PyTorchStreamReader> reader;
   std::optional<std::pair<std::string, uint32_t>> compressed;
-  at::DataPtr pickle;
-  size_t pickle_size = 0;
+  VerifiedRecords verified;
   try {
     reader.emplace(
         std::make_shared<caffe2::serialize::MemoryReadAdapter>(bytes.data(), bytes.size()));
     compressed = first_compressed(*reader, bytes);
     if (!compressed) {
-      verify_records(*reader, bytes);
-      std::tie(pickle, pickle_size) = reader->getRecord("data.pkl");
+      verified = verify_records(*reader, bytes);
+      TORCH_CHECK(verified.count("data.pkl") != 0, "the record data.pkl is missing");
     }
   } catch (const c10::Error& error) {
     TORCH_CHECK(false, kPrefix, path,
@@ -831,12 +843,12 @@ std::map<std::string, at::Tensor> read_state_dict(const std::vector<char>& bytes
               " is compressed (zip method ", compressed->second,
               "); torch.save() never compresses records, so the file was re-zipped by another "
               "tool: load it in Python with torch.load and save it again with torch.save");
-  const char* pickle_data = static_cast<const char*>(pickle.get());
-  PickleCheck(pickle_data, pickle_size, *reader, path).run();
+  const RecordSpan pickle = verified.at("data.pkl");
+  PickleCheck(pickle.data, pickle.size, verified, path).run();
   RecordsByData records;
   c10::IValue loaded;
   try {
-    loaded = unpickle(*reader, pickle_data, pickle_size, records);
+    loaded = unpickle(verified, reader->version(), pickle.data, pickle.size, records);
   } catch (const c10::Error& error) {
     TORCH_CHECK(false, kPrefix, "cannot read ", path,
                 " as a torch.save() file of a plain dict of name -> tensor: ",

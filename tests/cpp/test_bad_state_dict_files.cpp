@@ -111,6 +111,38 @@ TEST(BadStateDictFiles, FlippedByteInTensorDataFailsItsChecksum) {
   EXPECT_TRUE(has_values(*saved.target, saved.target_values));
 }
 
+// The offset of the central-directory entry of the record whose name ends with `suffix`.
+size_t central_directory_entry(const std::string& bytes, const std::string& suffix) {
+  const std::string signature("PK\x01\x02", 4);
+  for (size_t at = bytes.find(signature); at != std::string::npos;
+       at = bytes.find(signature, at + 1)) {
+    const size_t name_length = static_cast<uint8_t>(bytes[at + 28]) |
+                               (static_cast<uint8_t>(bytes[at + 29]) << 8);
+    const std::string name = bytes.substr(at + 46, name_length);
+    if (name.size() >= suffix.size() &&
+        name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0) {
+      return at;
+    }
+  }
+  ADD_FAILURE() << "no central-directory entry ends with " << suffix;
+  return 0;
+}
+
+// LibTorch's zip reader treats an entry whose external attributes carry the MS-DOS directory bit
+// as a folder and returns an unfilled buffer for it; the loader reads the file's own bytes, the
+// ones it checked, so such a flip loads the saved weights (it used to load whatever was in memory).
+TEST(BadStateDictFiles, DirectoryBitOnATensorEntryStillLoadsTheCheckedBytes) {
+  SavedModule saved;
+  auto bytes = saved.file.read();
+  bytes[central_directory_entry(bytes, "/data/1") + 38] |= 0x10;
+  saved.file.write(bytes);
+  for (int attempt = 0; attempt < 20; ++attempt) {  // Unfilled buffers differ from one to the next.
+    torchmha::MultiHeadAttention target(8, 2);
+    torchmha::load_state_dict(*target, saved.file.path());
+    ASSERT_TRUE(has_values(*target, saved.source_values)) << "attempt " << attempt;
+  }
+}
+
 // Every single flipped byte: an error that leaves the module unchanged, or (for bytes that
 // carry nothing, such as alignment padding) the saved weights exactly. Never other weights; and
 // a flip inside any record (tensors, pickle, version) is always an error.

@@ -116,8 +116,8 @@ size_t central_directory_entry(const std::string& bytes, const std::string& suff
   const std::string signature("PK\x01\x02", 4);
   for (size_t at = bytes.find(signature); at != std::string::npos;
        at = bytes.find(signature, at + 1)) {
-    const size_t name_length = static_cast<uint8_t>(bytes[at + 28]) |
-                               (static_cast<uint8_t>(bytes[at + 29]) << 8);
+    const size_t name_length =
+        static_cast<uint8_t>(bytes[at + 28]) | (static_cast<uint8_t>(bytes[at + 29]) << 8);
     const std::string name = bytes.substr(at + 46, name_length);
     if (name.size() >= suffix.size() &&
         name.compare(name.size() - suffix.size(), std::string::npos, suffix) == 0) {

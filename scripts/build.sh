@@ -6,19 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ -d /usr/lib/ccache ]]; then
-  # ccache's compiler links come first; the editable install compiles in a temporary folder, and
-  # ccache lets the in-place build and the CMake build reuse that work.
+  # ccache's compiler links come first: a fresh clone reuses what any earlier build compiled.
   export PATH=/usr/lib/ccache:$PATH CCACHE_NOHASHDIR=1 CCACHE_BASEDIR=$PWD
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
-if ! .venv/bin/python -m pip show -q torchmha >/dev/null 2>&1; then
-  echo "build: installing torchmha into .venv (editable, --no-build-isolation)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-else
-  echo "build: Python extension (in place)"
-  .venv/bin/python setup.py -q build_ext --inplace
-fi
+# In place, with its objects in build/temp.*: the wheel that scripts/check_packaging.sh builds
+# then reuses them instead of compiling the extension a second time.
+echo "build: Python extension (in place)"
+.venv/bin/python setup.py -q build_ext --inplace
+# .venv imports torchmha from python/, as an editable install would.
+site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/python" >"$site_packages/torchmha-source-tree.pth"
 
 echo "build: CMake tree in build/"
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')

@@ -9,6 +9,11 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torchmha.loading import AllOrNothingLoading
 from torchmha.ops import multi_head_attention
 
+# TorchScript is deprecated upstream: where a PyTorch no longer has it, eager mode, torch.compile
+# and torch.export work unchanged. TorchScript maps these objects to its own builtins.
+_is_scripting = getattr(torch.jit, "is_scripting", lambda: False)
+_unused_by_torchscript = getattr(torch.jit, "unused", lambda function: function)
+
 
 class MultiHeadAttention(AllOrNothingLoading):
     """Multi-head attention computed by the C++ op ``torch.ops.torchmha.multi_head_attention``.
@@ -129,9 +134,7 @@ class MultiHeadAttention(AllOrNothingLoading):
         Returns ``(attn_output, attn_output_weights)``; the weights are ``None`` unless
         ``need_weights``, averaged over heads unless ``average_attn_weights=False``.
         """
-        weights = (
-            self._attribute_weights() if torch.jit.is_scripting() else self._registered_weights()
-        )
+        weights = self._attribute_weights() if _is_scripting() else self._registered_weights()
         return multi_head_attention(
             query,
             key,
@@ -183,7 +186,7 @@ class MultiHeadAttention(AllOrNothingLoading):
             self.bias_v,
         )
 
-    @torch.jit.unused
+    @_unused_by_torchscript
     def _registered_weights(self) -> Tuple[Optional[Tensor], ...]:
         """The op's weight arguments, read from the registries when that equals reading the
         attributes (nn.Module.__getattr__ is slow per name), else read as attributes."""

@@ -10,8 +10,14 @@ consumer=$build/cmake_consumer
 
 cmake --install "$build" --prefix "$prefix" >/dev/null
 torch_dir=$(sed -n 's/^Torch_DIR:PATH=//p' "$build/CMakeCache.txt")
+launcher=()
+if command -v ccache >/dev/null; then
+  # Paths relative to the checkout, so that a fresh clone reuses an earlier clone's compilation.
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  export CCACHE_BASEDIR=$(cd "$here/../.." && pwd) CCACHE_NOHASHDIR=1
+fi
 cmake -S "$here" -B "$consumer" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$torch_dir" >/dev/null
+  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$torch_dir" "${launcher[@]}" >/dev/null
 cmake --build "$consumer"
 
 model=$fixtures/block_scripted.pt

@@ -54,7 +54,7 @@ check_version() {
   local torch_prefix
   torch_prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
   cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" -DTORCHMHA_PYTHON="$python" \
-    -DTORCHMHA_BUILD_BENCHMARK=OFF >/dev/null
+    -DTORCHMHA_BUILD_BENCHMARK=OFF -DTORCHMHA_CUDA=OFF >/dev/null
   cmake --build build >/dev/null
 
   echo "compat: torch $version: ctest and pytest"

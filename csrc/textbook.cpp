@@ -56,6 +56,24 @@ void TextbookMultiHeadAttentionImpl::reset() {
   output_linear = register_module("output_linear", torch::nn::Linear(d_model, d_model));
 }
 
+namespace {
+
+// Whether a tensor of `sizes` broadcasts to `target` (NumPy's rules, trailing dimensions first).
+bool broadcasts_to(at::IntArrayRef sizes, at::IntArrayRef target) {
+  if (sizes.size() > target.size()) {
+    return false;
+  }
+  const size_t offset = target.size() - sizes.size();
+  for (size_t dim = 0; dim < sizes.size(); ++dim) {
+    if (sizes[dim] != 1 && sizes[dim] != target[offset + dim]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query,
                                                       const torch::Tensor& key,
                                                       const torch::Tensor& value,
@@ -80,7 +98,8 @@ torch::Tensor TextbookMultiHeadAttentionImpl::forward(const torch::Tensor& query
     const auto batch = query.size(0);
     const auto target_len = query.size(1);
     const auto source_len = key.size(1);
-    TORCH_CHECK(mask.dim() <= 4,
+    const std::vector<int64_t> target = {batch, options.h(), target_len, source_len};
+    TORCH_CHECK(broadcasts_to(mask.sizes(), target),
                 "torchmha::TextbookMultiHeadAttention: expected `mask` broadcastable to (B, h, L, "
                 "S) = (",
                 batch, ", ", options.h(), ", ", target_len, ", ", source_len, "), but got ",

@@ -1,12 +1,23 @@
 """The chapter's multi-head attention API, as an adapter over the torchmha op."""
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from torchmha.loading import AllOrNothingLoading
 from torchmha.ops import multi_head_attention
+
+
+def _broadcasts_to(sizes: List[int], target: List[int]) -> bool:
+    """Whether a tensor of ``sizes`` broadcasts to ``target`` (trailing dimensions first)."""
+    if len(sizes) > len(target):
+        return False
+    offset = len(target) - len(sizes)
+    for dim in range(len(sizes)):
+        if sizes[dim] != 1 and sizes[dim] != target[offset + dim]:
+            return False
+    return True
 
 
 class TextbookMultiHeadAttention(AllOrNothingLoading):
@@ -42,8 +53,9 @@ class TextbookMultiHeadAttention(AllOrNothingLoading):
         self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None
     ) -> Tensor:
         """Attend from ``query`` to ``key``/``value``; returns ``(B, L, d_model)``."""
+        # Shapes are RuntimeErrors, as the C++ adapter's c10::Error is in Python.
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
-            raise ValueError(
+            raise RuntimeError(
                 "torchmha.TextbookMultiHeadAttention: expected batch-first 3-D `query`, `key` "
                 f"and `value` (B, L, d_model), but got {list(query.shape)}, {list(key.shape)} "
                 f"and {list(value.shape)}"
@@ -52,8 +64,8 @@ class TextbookMultiHeadAttention(AllOrNothingLoading):
         if mask is not None:
             # Nonzero = may attend, broadcast to (B, h, L, S) -> the op's True = masked (B*h, L, S).
             batch, target_len, source_len = query.size(0), query.size(1), key.size(1)
-            if mask.dim() > 4:
-                raise ValueError(
+            if not _broadcasts_to(mask.shape, [batch, self.h, target_len, source_len]):
+                raise RuntimeError(
                     "torchmha.TextbookMultiHeadAttention: expected `mask` broadcastable to "
                     f"(B, h, L, S) = ({batch}, {self.h}, {target_len}, {source_len}), but got "
                     f"{list(mask.shape)}"

@@ -311,6 +311,21 @@ TEST(UndefinedTensors, ModulesReportThemAsUndefined) {
                           {"defined `value`", "undefined tensor"});
 }
 
+// A chapter mask of rank 4 or less whose sizes do not broadcast to (B, h, L, S) is named, not left
+// to expand()'s message.
+TEST(BadTextbookMask, SizesThatDoNotBroadcastAreRefusedByName) {
+  torchmha::TextbookMultiHeadAttention textbook(kHeads, kEmbedDim);
+  const auto query = torch::randn({2, 4, kEmbedDim});
+  const auto memory = torch::randn({2, 6, kEmbedDim});
+  for (const auto& shape : std::vector<std::vector<int64_t>>{
+           {2, 1, 4, 7}, {2, kHeads, 3, 6}, {3, 1, 1, 6}, {kHeads + 1, 4, 6}}) {
+    expect_error_containing(
+        [&] { textbook(query, memory, memory, torch::ones(shape)); },
+        {"`mask` broadcastable to (B, h, L, S) = (2, " + std::to_string(kHeads) + ", 4, 6)",
+         c10::str(at::IntArrayRef(shape))});
+  }
+}
+
 // 3 * embed_dim sizes the packed projection: an embed_dim near 2^62 would overflow it.
 TEST(BadEmbedDim, TooLargeForThreeTimesItIsAValueError) {
   constexpr int64_t kHuge = int64_t{1} << 62;

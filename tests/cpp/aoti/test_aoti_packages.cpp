@@ -126,8 +126,16 @@ class MismatchedInputs : public ::testing::Test {
   static torch::Tensor padding(int64_t length) { return torch::zeros({2, length}, torch::kBool); }
 };
 
-TEST_F(MismatchedInputs, WrongRankIsAnError) {
+TEST_F(MismatchedInputs, MissingBatchDimensionIsAnError) {
   expect_rejected({torch::randn({7, 16}), padding(7)}, "unmatched dim value at 0");
+}
+
+TEST_F(MismatchedInputs, ExtraDimensionIsAnError) {
+  expect_rejected({torch::randn({2, 7, 16, 1}), padding(7)}, "expected ndim 3 but got 4");
+}
+
+TEST_F(MismatchedInputs, PaddingMaskOfAnotherLengthIsAnError) {
+  expect_rejected({torch::randn({2, 7, 16}), padding(6)}, "expected size 6==7");
 }
 
 TEST_F(MismatchedInputs, WrongEmbeddingSizeIsAnError) {

@@ -1,0 +1,165 @@
+// AOTInductor packages made by Python (torch.export + aoti_compile_and_package), run from C++
+// with torch::inductor::AOTIModelPackageLoader. ctest runs tests/fixtures/make_aoti_packages.py
+// first and points TORCHMHA_AOTI_FIXTURES at its folder.
+#include <gtest/gtest.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/script.h>
+#include <torchmha/torchmha.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+namespace {
+
+constexpr double kFloat32Tolerance = 1e-5;
+// The lengths the fixture script ran Python at (its RUN_LENGTHS); 7 is the exported one.
+const auto kRunLengths = ::testing::Values(3, 7, 12);
+// The exported range of the sequence length (its LENGTH_RANGE).
+constexpr int64_t kShortestLength = 2;
+constexpr int64_t kLongestLength = 16;
+
+std::filesystem::path fixtures() {
+  const char* folder = std::getenv("TORCHMHA_AOTI_FIXTURES");
+  if (folder == nullptr) {
+    throw std::runtime_error("TORCHMHA_AOTI_FIXTURES is not set; run these tests through ctest");
+  }
+  return folder;
+}
+
+// `expected.pt`, a plain dict of tensors saved by torch.save in Python.
+const c10::Dict<c10::IValue, c10::IValue>& expected() {
+  static const auto dict = [] {
+    std::ifstream stream(fixtures() / "expected.pt", std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(stream)),
+                                  std::istreambuf_iterator<char>());
+    return torch::jit::pickle_load(bytes).toGenericDict();
+  }();
+  return dict;
+}
+
+torch::Tensor expected_tensor(const std::string& name, int64_t length) {
+  return expected().at(name + "/" + std::to_string(length)).toTensor();
+}
+
+torch::inductor::AOTIModelPackageLoader load_package(const std::string& name) {
+  return torch::inductor::AOTIModelPackageLoader((fixtures() / name).string());
+}
+
+// The package's only output.
+torch::Tensor run_package(torch::inductor::AOTIModelPackageLoader& package,
+                          const std::vector<torch::Tensor>& inputs) {
+  auto outputs = package.run(inputs);
+  EXPECT_EQ(outputs.size(), 1U);
+  return outputs.at(0);
+}
+
+void expect_close(const torch::Tensor& actual, const torch::Tensor& wanted) {
+  ASSERT_EQ(actual.sizes(), wanted.sizes());
+  EXPECT_LE((actual - wanted).abs().max().item<double>(), kFloat32Tolerance);
+}
+
+class SelfAttentionPackage : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(SelfAttentionPackage, GivesPythonsOutputAtEveryLengthOfTheExportedRange) {
+  const int64_t length = GetParam();
+  auto package = load_package("self_attention.pt2");
+  const auto output = run_package(
+      package, {expected_tensor("x", length), expected_tensor("key_padding_mask", length)});
+  expect_close(output, expected_tensor("self_attention", length));
+}
+
+// The weights went C++ -> file -> Python -> package: the package, the C++ module reading the same
+// file, and Python agree.
+TEST_P(SelfAttentionPackage, GivesTheOutputOfTheCppModuleThatSavedItsWeights) {
+  const int64_t length = GetParam();
+  torchmha::MultiHeadAttention attention(
+      torchmha::MultiHeadAttentionOptions(16, 4).batch_first(true));
+  torchmha::load_state_dict(*attention, (fixtures() / "cpp_saved_weights.pt").string());
+  attention->eval();
+  const auto x = expected_tensor("x", length);
+  const auto key_padding_mask = expected_tensor("key_padding_mask", length);
+  torch::NoGradGuard no_grad;
+  const auto module_output =
+      std::get<0>(attention->forward(x, x, x, key_padding_mask, /*need_weights=*/false,
+                                     /*attn_mask=*/{}, /*average_attn_weights=*/true,
+                                     /*is_causal=*/true));
+  auto package = load_package("self_attention.pt2");
+  expect_close(run_package(package, {x, key_padding_mask}), module_output);
+  expect_close(module_output, expected_tensor("self_attention", length));
+}
+
+INSTANTIATE_TEST_SUITE_P(Lengths, SelfAttentionPackage, kRunLengths);
+
+class TextbookPackage : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(TextbookPackage, GivesPythonsOutputAtEveryLengthOfTheExportedRange) {
+  const int64_t length = GetParam();
+  auto package = load_package("textbook.pt2");
+  const auto output =
+      run_package(package, {expected_tensor("x", length), expected_tensor("mask", length)});
+  expect_close(output, expected_tensor("textbook", length));
+}
+
+INSTANTIATE_TEST_SUITE_P(Lengths, TextbookPackage, kRunLengths);
+
+// Inputs that do not match the exported ones. The package's generated code checks sizes, strides,
+// dtypes and the length's range only when AOTI_RUNTIME_CHECK_INPUTS is set when it first runs;
+// without it such inputs are read out of bounds. The loader checks the number of inputs itself.
+class MismatchedInputs : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 1), 0); }
+
+  // The run throws (the generated checks throw std::runtime_error through the loader) with a
+  // message that holds `reason`.
+  static void expect_rejected(const std::vector<torch::Tensor>& inputs, const std::string& reason) {
+    auto package = load_package("self_attention.pt2");
+    try {
+      package.run(inputs);
+      ADD_FAILURE() << "the package ran on mismatched inputs; expected: " << reason;
+    } catch (const std::exception& error) {
+      EXPECT_NE(std::string(error.what()).find(reason), std::string::npos) << error.what();
+    }
+  }
+
+  static torch::Tensor padding(int64_t length) { return torch::zeros({2, length}, torch::kBool); }
+};
+
+TEST_F(MismatchedInputs, MissingBatchDimensionIsAnError) {
+  expect_rejected({torch::randn({7, 16}), padding(7)}, "unmatched dim value at 0");
+}
+
+TEST_F(MismatchedInputs, ExtraDimensionIsAnError) {
+  expect_rejected({torch::randn({2, 7, 16, 1}), padding(7)}, "expected ndim 3 but got 4");
+}
+
+TEST_F(MismatchedInputs, PaddingMaskOfAnotherLengthIsAnError) {
+  expect_rejected({torch::randn({2, 7, 16}), padding(6)}, "expected size 6==7");
+}
+
+TEST_F(MismatchedInputs, WrongEmbeddingSizeIsAnError) {
+  expect_rejected({torch::randn({2, 7, 8}), padding(7)}, "unmatched dim value at 2");
+}
+
+TEST_F(MismatchedInputs, WrongDtypeIsAnError) {
+  expect_rejected({torch::randn({2, 7, 16}, torch::kFloat64), padding(7)}, "unmatched dtype");
+}
+
+TEST_F(MismatchedInputs, LengthAboveTheExportedRangeIsAnError) {
+  const int64_t length = kLongestLength + 1;
+  expect_rejected({torch::randn({2, length, 16}), padding(length)}, "dim value is too large");
+}
+
+TEST_F(MismatchedInputs, LengthBelowTheExportedRangeIsAnError) {
+  const int64_t length = kShortestLength - 1;
+  expect_rejected({torch::randn({2, length, 16}), padding(length)}, "dim value is too small");
+}
+
+TEST_F(MismatchedInputs, MissingInputIsAnError) {
+  expect_rejected({torch::randn({2, 7, 16})}, "expected inputs vector size to be 2");
+}
+
+TEST(MissingPackage, IsAnError) { EXPECT_THROW(load_package("no_such_package.pt2"), c10::Error); }
+
+}  // namespace

@@ -3,7 +3,8 @@
 # repository (made once, then reused), a copy of the working tree built against that release (the
 # Python extension and the CMake tree), the C++ tests (ctest) and the whole Python suite. Prints
 # one line of pass counts per release, and writes them to results-<version>.txt beside the
-# environments. A CPU run: the CUDA kernels are left out (TORCHMHA_CUDA=0).
+# environments. A CPU run: the CUDA kernels are left out (TORCHMHA_CUDA=0). Where the main build
+# (.venv, build/) has made its AOTInductor packages, every other release also runs those.
 #
 # Usage: scripts/compat.sh [VERSION ...]   (default: 2.13.0 2.14.1 2.15.0)
 # TORCHMHA_COMPAT_DIR (default ~/.cache/torchmha-compat) holds the environments and the builds.
@@ -14,6 +15,7 @@ compat_dir=${TORCHMHA_COMPAT_DIR:-$HOME/.cache/torchmha-compat}
 mkdir -p "$compat_dir"
 versions=("$@")
 ((${#versions[@]})) || versions=(2.13.0 2.14.1 2.15.0)
+main_version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 # The development requirements other than torch, pinned as CI pins them.
 mapfile -t tools < <(grep -v '^torch==' scripts/requirements-dev.txt | grep -v '^#' | grep .)
 
@@ -58,10 +60,14 @@ check_version() {
   cmake --build build >/dev/null
 
   echo "compat: torch $version: ctest and pytest"
-  local ctest_line pytest_line
+  local ctest_line pytest_line foreign=()
   ctest_line=$(cd build && ctest -j "$(nproc)" 2>&1 | tee ctest.log | grep "tests passed" || true)
-  pytest_line=$(PYTHONPATH=$tree/python "$python" -m pytest tests/python -q -p no:cacheprovider 2>&1 |
-    tee pytest.log | tail -n 1)
+  # Packages made by the main build's PyTorch, for tests/python/test_aoti_across_releases.py.
+  if [[ -f $root/build/aoti_fixtures/expected.pt && $version != "$main_version" ]]; then
+    foreign=("TORCHMHA_FOREIGN_AOTI_PACKAGES=$root/build/aoti_fixtures")
+  fi
+  pytest_line=$(env "${foreign[@]}" PYTHONPATH="$tree/python" "$python" -m pytest tests/python -q \
+    -p no:cacheprovider 2>&1 | tee pytest.log | tail -n 1)
   cd "$root"
   local summary="torch $version: ctest: ${ctest_line:-no summary (see $tree/build/ctest.log)}; pytest: $pytest_line"
   echo "$summary" | tee "$compat_dir/results-$version.txt"

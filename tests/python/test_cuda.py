@@ -7,6 +7,10 @@ twice as far from it as PyTorch's own module in that dtype.
 
 import copy
 import functools
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
@@ -274,3 +278,56 @@ def test_compiled_and_exported_need_weights_take_the_eager_path() -> None:
                 found = traced(x, padding)
             for part, ours, eager in zip(("output", "weights"), found, expected):
                 torch.testing.assert_close(ours, eager, msg=f"{name} {part}")
+
+
+# Runs a package in a process that never imports torchmha (as a C++ program without libtorchmha).
+RUN_PACKAGE_WITHOUT_TORCHMHA = """
+import sys, torch
+assert "torchmha" not in sys.modules
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+x = torch.randn(3, 9, 64, device="cuda", dtype=torch.bfloat16)
+padding = torch.zeros(3, 9, dtype=torch.bool, device="cuda")
+torch.cuda.synchronize()
+runner(x, padding)
+torch.cuda.synchronize()
+print("ran without torchmha")
+"""
+
+
+def test_aoti_package_with_weights_needs_torchmha_exactly_when_it_names_it(
+    tmp_path: Path,
+) -> None:
+    """An AOTInductor package of bfloat16 self-attention with averaged weights (dynamic length)
+    computes what eager computes; it runs in a process without torchmha exactly when none of its
+    files names torchmha (an op left for the proxy executor is named there), which is what the
+    interop page tells C++ programs about linking libtorchmha."""
+    torch.manual_seed(0)
+    _, candidate = make_pair(torch.bfloat16)
+    model = SelfAttentionWithWeights(candidate).eval()
+    length = Dim("length", min=2, max=64)
+    program = torch.export.export(
+        model, padded_input(LENGTH), dynamic_shapes=({1: length}, {1: length})
+    )
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "weights.pt2")
+    )
+    runner = torch._inductor.aoti_load_package(package)
+    for sequence in (5, LENGTH, 40):
+        x, padding = padded_input(sequence)
+        with torch.no_grad():
+            expected = model(x, padding)
+        found = runner(x, padding)
+        for part, ours, eager in zip(("output", "weights"), found, expected):
+            torch.testing.assert_close(
+                ours, eager, atol=ERROR_FLOOR[torch.bfloat16], rtol=1.6e-2, msg=f"{part} {sequence}"
+            )
+    with zipfile.ZipFile(package) as archive:
+        names_torchmha = any(b"torchmha" in archive.read(info) for info in archive.infolist())
+    alone = subprocess.run(
+        [sys.executable, "-c", RUN_PACKAGE_WITHOUT_TORCHMHA, package],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(f"package names torchmha: {names_torchmha}; runs without it: {alone.returncode == 0}")
+    assert (alone.returncode == 0) == (not names_torchmha), alone.stderr[-2000:]

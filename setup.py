@@ -1,6 +1,7 @@
 """Builds the torchmha Python package and its C++ extension from the csrc/ sources."""
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -8,6 +9,16 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
+# The PyTorch releases the whole test suite has passed on (tests/README.md, "Tested PyTorch
+# releases"); CMakeLists.txt keeps the same list.
+TESTED_TORCH_RELEASES = ("2.11", "2.13", "2.14")
+TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+if TORCH_RELEASE not in TESTED_TORCH_RELEASES:
+    warnings.warn(
+        f"torchmha: building against PyTorch {torch.__version__}, which it has not been tested "
+        f"with (tested: {', '.join(TESTED_TORCH_RELEASES)})",
+        stacklevel=1,
+    )
 LIBRARY_SOURCES = [
     "csrc/ops.cpp",
     "csrc/composite/argument_checks.cpp",
@@ -47,6 +58,7 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildExtension},
-    install_requires=["torch>=2.5"],
+    # A build runs with the PyTorch it was built against; older releases are not tested.
+    install_requires=[f"torch>={TESTED_TORCH_RELEASES[0]}"],
     python_requires=">=3.9",
 )

@@ -55,18 +55,37 @@ check_version() {
   "$python" setup.py -q build_ext --inplace >/dev/null
   local torch_prefix
   torch_prefix=$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  local cuda_args=()
+  if [[ -n $("$python" -c 'import torch; print(torch.version.cuda or "")') ]]; then
+    # A CUDA build of LibTorch looks for the toolkit even when torchmha's kernels are left out.
+    for cuda_root in "${CUDA_HOME:-}" /usr/local/cuda; do
+      if [[ -n $cuda_root && -f $cuda_root/include/cuda.h ]]; then
+        cuda_args=(-DCUDA_TOOLKIT_ROOT_DIR="$cuda_root" -DCUDAToolkit_ROOT="$cuda_root")
+        break
+      fi
+    done
+  fi
+  if ((${#cuda_args[@]})) && ! compgen -G "$cuda_root/lib64/libnvrtc.so*" >/dev/null; then
+    # A toolkit without NVRTC: the one that came with PyTorch's wheels (nvidia/*/lib).
+    local nvrtc
+    nvrtc=$(find "$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia" \
+      -name 'libnvrtc.so*' ! -name '*builtins*' ! -name '*alt*' 2>/dev/null | head -n 1)
+    [[ -n $nvrtc ]] && cuda_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc" -DCUDA_NVRTC_LIB="$nvrtc")
+  fi
   cmake -S . -B build -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" -DTORCHMHA_PYTHON="$python" \
-    -DTORCHMHA_BUILD_BENCHMARK=OFF -DTORCHMHA_CUDA=OFF >/dev/null
+    -DTORCHMHA_BUILD_BENCHMARK=OFF -DTORCHMHA_CUDA=OFF "${cuda_args[@]}" >/dev/null
   cmake --build build >/dev/null
 
   echo "compat: torch $version: ctest and pytest"
+  # The fixture scripts that ctest runs import torchmha from this copy, as pytest does.
+  export PYTHONPATH=$tree/python
   local ctest_line pytest_line foreign=()
   ctest_line=$(cd build && ctest -j "$(nproc)" 2>&1 | tee ctest.log | grep "tests passed" || true)
   # Packages made by the main build's PyTorch, for tests/python/test_aoti_across_releases.py.
   if [[ -f $root/build/aoti_fixtures/expected.pt && $version != "$main_version" ]]; then
     foreign=("TORCHMHA_FOREIGN_AOTI_PACKAGES=$root/build/aoti_fixtures")
   fi
-  pytest_line=$(env "${foreign[@]}" PYTHONPATH="$tree/python" "$python" -m pytest tests/python -q \
+  pytest_line=$(env "${foreign[@]}" "$python" -m pytest tests/python -q \
     -p no:cacheprovider 2>&1 | tee pytest.log | tail -n 1)
   cd "$root"
   local summary="torch $version: ctest: ${ctest_line:-no summary (see $tree/build/ctest.log)}; pytest: $pytest_line"

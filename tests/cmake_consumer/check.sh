@@ -10,6 +10,14 @@ consumer=$build/cmake_consumer
 
 cmake --install "$build" --prefix "$prefix" >/dev/null
 torch_dir=$(sed -n 's/^Torch_DIR:PATH=//p' "$build/CMakeCache.txt")
+# Where the build was told where a CUDA LibTorch's toolkit lies, the consumer is told too.
+cuda_args=()
+for variable in CUDA_TOOLKIT_ROOT_DIR CUDAToolkit_ROOT CUDA_nvrtc_LIBRARY CUDA_NVRTC_LIB; do
+  value=$(sed -n "s/^$variable:[A-Z]*=//p" "$build/CMakeCache.txt")
+  if [[ -n $value && $value != *NOTFOUND ]]; then
+    cuda_args+=("-D$variable=$value")
+  fi
+done
 launcher=()
 if command -v ccache >/dev/null; then
   # Paths relative to the checkout, so that a fresh clone reuses an earlier clone's compilation.
@@ -17,7 +25,8 @@ if command -v ccache >/dev/null; then
   export CCACHE_BASEDIR=$(cd "$here/../.." && pwd) CCACHE_NOHASHDIR=1
 fi
 cmake -S "$here" -B "$consumer" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$torch_dir" "${launcher[@]}" >/dev/null
+  -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$torch_dir" "${launcher[@]}" "${cuda_args[@]}" \
+  >/dev/null
 cmake --build "$consumer"
 
 model=$fixtures/block_scripted.pt

@@ -11,7 +11,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = Path(__file__).parent
 # The PyTorch releases the whole test suite has passed on (tests/README.md, "Tested PyTorch
 # releases"); CMakeLists.txt keeps the same list.
-TESTED_TORCH_RELEASES = ("2.11", "2.13", "2.14")
+TESTED_TORCH_RELEASES = ("2.11", "2.13", "2.14", "2.15")
 TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 if TORCH_RELEASE not in TESTED_TORCH_RELEASES:
     warnings.warn(

@@ -10,26 +10,17 @@
 #include <fstream>
 #include <iterator>
 
+#include "../fixture_files.h"
+
 namespace {
 
 constexpr double kFloat32Tolerance = 1e-5;
 
-std::filesystem::path fixtures() {
-  const char* folder = std::getenv("TORCHMHA_FIXTURES");
-  if (folder == nullptr) {
-    throw std::runtime_error("TORCHMHA_FIXTURES is not set; run these tests through ctest");
-  }
-  return folder;
-}
+std::filesystem::path fixtures() { return torchmha::testing::fixture_folder("TORCHMHA_FIXTURES"); }
 
-// `expected.pt`, a plain dict saved by torch.save in Python.
+// `expected.pt`, a plain dict of tensors saved by torch.save in Python.
 const c10::Dict<c10::IValue, c10::IValue>& expected() {
-  static const auto dict = [] {
-    std::ifstream stream(fixtures() / "expected.pt", std::ios::binary);
-    const std::vector<char> bytes((std::istreambuf_iterator<char>(stream)),
-                                  std::istreambuf_iterator<char>());
-    return torch::jit::pickle_load(bytes).toGenericDict();
-  }();
+  static const auto dict = torchmha::testing::load_pickled_dict(fixtures() / "expected.pt");
   return dict;
 }
 

@@ -10,6 +10,7 @@ from torchmha import (  # noqa: E402
     _C,  # noqa: F401  (registers the op)
     cpp,
 )
+from torchmha.conversion import load_separate_projections, separate_projections_state_dict
 from torchmha.modules import MultiHeadAttention
 from torchmha.ops import multi_head_attention
 from torchmha.serialization import save_state_dict
@@ -25,6 +26,8 @@ __all__ = [
     "MultiheadAttention",
     "TextbookMultiHeadAttention",
     "cpp",
+    "load_separate_projections",
     "multi_head_attention",
     "save_state_dict",
+    "separate_projections_state_dict",
 ]

@@ -18,8 +18,8 @@ rtol 1e-4).
 
 Tolerances: 1e-10 (absolute and relative) with ``attn_implementation="sdpa"``; Hugging Face's
 ``"eager"`` implementations compute the softmax in float32 even for float64 models
-(``softmax(..., dtype=torch.float32)`` in Llama's, a float32 ``matmul`` in GPT-J's), so eager
-comparisons use the float32 tolerance.
+(``softmax(..., dtype=torch.float32)`` in Llama's and GPT-NeoX's, a float32 ``matmul`` in
+GPT-J's), so eager comparisons use the float32 tolerance.
 """
 
 from typing import Dict, Optional, Tuple

@@ -50,17 +50,20 @@ class _Layout:
             for name, rows, columns in zip(_PROJECTIONS, output_dims, input_dims)
         }
         num_heads = getattr(module, "num_heads", None)
-        head_dim = self.embed_dim // num_heads if num_heads else None
+        self.head_dim: Optional[int] = self.embed_dim // num_heads if num_heads else None
         self.num_kv_heads: Optional[int] = getattr(module, "num_kv_heads", None) or (
-            self.kv_dim // head_dim if head_dim else None
+            self.kv_dim // self.head_dim if self.head_dim else None
         )
 
     def described(self, name: str) -> str:
         """Where a projection's expected shape comes from, for error messages."""
         rows, columns = self.projection_shapes[name]
         if name == "q_proj":
-            return f"(embed_dim={rows}, {columns})"
-        return f"(num_kv_heads={self.num_kv_heads} * head_dim = {rows}, {columns})"
+            return f"(embed_dim={rows} rows, {columns} input features)"
+        return (
+            f"(num_kv_heads={self.num_kv_heads} * head_dim={self.head_dim} = {rows} rows, "
+            f"{columns} input features)"
+        )
 
 
 def _tensor(state_dict: Mapping[str, object], key: str, owner: str) -> Tensor:
@@ -189,7 +192,7 @@ def load_separate_projections(
         prefix,
         "o_proj",
         layout.shapes["out_proj.weight"],
-        f"(embed_dim={layout.embed_dim}, embed_dim={layout.embed_dim})",
+        f"(embed_dim={layout.embed_dim} rows and columns)",
         owner,
     )
     converted: Dict[str, Tensor] = {"out_proj.weight": out_weight}

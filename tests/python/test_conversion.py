@@ -226,7 +226,7 @@ def test_key_value_heads_that_do_not_fit_num_kv_heads(kind: str, name: str) -> N
         {"num_kv_heads": 2},
         checkpoint,
         rf"`{name}\.weight` has shape \[16, 16\], but the module expects \[8, 16\] "
-        r"\(num_kv_heads=2 \* head_dim = 8, 16\)",
+        r"\(num_kv_heads=2 \* head_dim=4 = 8 rows, 16 input features\)",
     )
 
 

@@ -421,7 +421,6 @@ def make_masks(row: Row) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         shape = (BATCH, TARGET_LEN) if row["batched"] else (TARGET_LEN,)
         offsets = torch.randint(0, 100, shape[:-1] + (1,))
         positions = offsets + torch.arange(TARGET_LEN)
-        positions = positions if row["batched"] else positions[0]
         reference_kwargs["positions"] = candidate_kwargs["positions"] = positions
     for options in (reference_kwargs, candidate_kwargs):
         options["need_weights"] = row["need_weights"]

@@ -5,7 +5,10 @@
 #include <torchmha/torchmha.h>
 
 #include <cmath>
+#include <iomanip>
 #include <limits>
+#include <sstream>
+#include <string>
 
 #include "composite/decimal.h"
 
@@ -17,6 +20,19 @@ MultiHeadAttentionOptions::MultiHeadAttentionOptions(int64_t embed_dim, int64_t 
     : embed_dim_(embed_dim), num_heads_(num_heads), kdim_(embed_dim), vdim_(embed_dim) {}
 
 namespace {
+
+// A number as a person writes it: a whole rope_theta such as 10000 prints whole, not as 1e+04.
+std::string readable_decimal(double value) {
+  constexpr double kWholeBelow = 1e17;  // Past this, whole numbers print with an exponent anyway.
+  auto shortest = composite::shortest_decimal(value);
+  if (shortest.find('e') == std::string::npos || !(std::abs(value) < kWholeBelow) ||
+      value != std::trunc(value)) {
+    return shortest;
+  }
+  std::ostringstream whole;
+  whole << std::fixed << std::setprecision(0) << value;
+  return whole.str();
+}
 
 void check_num_kv_heads(const MultiHeadAttentionOptions& options) {
   if (!options.num_kv_heads().has_value()) {
@@ -47,7 +63,7 @@ void check_rotary(const MultiHeadAttentionOptions& options, int64_t head_dim) {
   const auto theta = *options.rope_theta();
   TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0.0,
                     "torchmha::MultiHeadAttention: `rope_theta` must be positive and finite, got ",
-                    composite::shortest_decimal(theta));
+                    readable_decimal(theta));
   if (!options.rotary_dim().has_value()) {
     return;
   }
@@ -178,7 +194,7 @@ void MultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {
     stream << ", num_kv_heads=" << *options.num_kv_heads();
   }
   if (options.rope_theta().has_value()) {
-    stream << ", rope_theta=" << composite::shortest_decimal(*options.rope_theta());
+    stream << ", rope_theta=" << readable_decimal(*options.rope_theta());
   }
   if (options.rotary_dim().has_value()) {
     stream << ", rotary_dim=" << *options.rotary_dim();

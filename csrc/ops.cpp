@@ -36,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   return op.call(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                  k_proj_weight, v_proj_weight, out_proj_weight, out_proj_bias, bias_k, bias_v,
                  add_zero_attn, dropout_p, training, key_padding_mask, attn_mask, need_weights,
-                 average_attn_weights, is_causal, batch_first, num_kv_heads, rope_theta,
-                 rotary_dim, rotary_interleaved, positions);
+                 average_attn_weights, is_causal, batch_first, num_kv_heads, rope_theta, rotary_dim,
+                 rotary_interleaved, positions);
 }
 
 MultiHeadAttentionFuncOptions::MultiHeadAttentionFuncOptions(int64_t num_heads,

@@ -148,8 +148,7 @@ void check_projection_weights(const Arguments& args) {
   const c10::SymInt embed_dim = query.sym_size(-1);
   const c10::SymInt kv_dim = args.kv_dim();
   const c10::SymInt packed_rows = embed_dim + 2 * kv_dim;
-  const char* packed_name =
-      args.group_size() == 1 ? "3 * embed_dim" : "embed_dim + 2 * kv_dim";
+  const char* packed_name = args.group_size() == 1 ? "3 * embed_dim" : "embed_dim + 2 * kv_dim";
   const bool any_separate =
       given(args.q_proj_weight) || given(args.k_proj_weight) || given(args.v_proj_weight);
   TORCH_CHECK(args.has_packed_weight() != any_separate, kOp,
@@ -159,9 +158,10 @@ void check_projection_weights(const Arguments& args) {
   if (args.has_packed_weight()) {
     const auto& weight = *args.in_proj_weight;
     check_dense_like_query(query, weight, "in_proj_weight");
-    TORCH_CHECK(has_shape(weight, {packed_rows, embed_dim}), kOp, "expected `in_proj_weight` of shape [",
-                packed_name, ", embed_dim] = [", packed_rows, ", ", embed_dim, "] for `query` of shape ",
-                query.sym_sizes(), kv_heads_note(args), ", but got ", weight.sym_sizes());
+    TORCH_CHECK(has_shape(weight, {packed_rows, embed_dim}), kOp,
+                "expected `in_proj_weight` of shape [", packed_name, ", embed_dim] = [",
+                packed_rows, ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(),
+                kv_heads_note(args), ", but got ", weight.sym_sizes());
     TORCH_CHECK(args.key.sym_size(-1) == embed_dim && args.value.sym_size(-1) == embed_dim, kOp,
                 "a packed `in_proj_weight` needs `key` and `value` with embed_dim ", embed_dim,
                 " like `query`, but got `key` of shape ", args.key.sym_sizes(),
@@ -185,17 +185,17 @@ void check_projection_weights(const Arguments& args) {
       const c10::SymInt rows = index == 0 ? embed_dim : kv_dim;
       TORCH_CHECK(has_shape(*weight, {rows, input_dim}), kOp, "expected `", name, "` of shape [",
                   index == 0 ? "embed_dim" : kv_dim_name(args), ", ", input_names[index],
-                  ".size(-1)] = [", rows, ", ", input_dim, "]", kv_heads_note(args),
-                  ", but got ", weight->sym_sizes());
+                  ".size(-1)] = [", rows, ", ", input_dim, "]", kv_heads_note(args), ", but got ",
+                  weight->sym_sizes());
     }
   }
   check_dense_like_query(query, args.key, "key");
   check_dense_like_query(query, args.value, "value");
   if (given(args.in_proj_bias)) {
     check_dense_like_query(query, *args.in_proj_bias, "in_proj_bias");
-    TORCH_CHECK(has_shape(*args.in_proj_bias, {packed_rows}), kOp, "expected `in_proj_bias` of shape [",
-                packed_name, "] = [", packed_rows, "]", kv_heads_note(args), ", but got ",
-                args.in_proj_bias->sym_sizes());
+    TORCH_CHECK(has_shape(*args.in_proj_bias, {packed_rows}), kOp,
+                "expected `in_proj_bias` of shape [", packed_name, "] = [", packed_rows, "]",
+                kv_heads_note(args), ", but got ", args.in_proj_bias->sym_sizes());
   }
   check_dense_like_query(query, args.out_proj_weight, "out_proj_weight");
   if (given(args.out_proj_bias)) {
@@ -247,16 +247,17 @@ void check_rotary(const Arguments& args) {
   TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0.0, kOp,
                     "`rope_theta` must be positive and finite, but got ", shortest_decimal(theta));
   // A concrete head size: the rotation's split depends on it (guards on a traced embed_dim).
-  const int64_t head_dim =
-      (args.query.sym_size(-1) / args.num_heads).guard_int(__FILE__, __LINE__);
+  const int64_t head_dim = (args.query.sym_size(-1) / args.num_heads).guard_int(__FILE__, __LINE__);
   if (args.rotary_dim) {
     const int64_t rotary_dim = *args.rotary_dim;
     TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, kOp,
                       "`rotary_dim` must be even and in [2, head_dim] = [2, ", head_dim,
                       "], but got ", rotary_dim);
   } else {
-    TORCH_CHECK_VALUE(head_dim % 2 == 0, kOp, "rotary embeddings rotate pairs of features, but "
-                      "head_dim ", head_dim, " is odd: give an even `rotary_dim`");
+    TORCH_CHECK_VALUE(head_dim % 2 == 0, kOp,
+                      "rotary embeddings rotate pairs of features, but "
+                      "head_dim ",
+                      head_dim, " is odd: give an even `rotary_dim`");
   }
   if (!given(args.positions)) {
     return;
@@ -268,8 +269,8 @@ void check_rotary(const Arguments& args) {
                   positions.scalar_type() != at::kBool,
               kOp, "expected integer `positions`, but got ", positions.scalar_type());
   TORCH_CHECK(positions.device() == args.query.device(), kOp,
-              "expected `positions` on the device of `query` (", args.query.device(),
-              "), but got ", positions.device());
+              "expected `positions` on the device of `query` (", args.query.device(), "), but got ",
+              positions.device());
   const int64_t seq_dim = args.sequence_dim();
   const c10::SymInt target_len = args.query.sym_size(seq_dim);
   const bool batched = args.is_batched();
@@ -284,7 +285,8 @@ void check_rotary(const Arguments& args) {
   }
   TORCH_CHECK(args.key.sym_size(seq_dim) == target_len, kOp,
               "`positions` gives the query tokens' positions, which the keys share, so `key` needs "
-              "the query's length ", target_len, ", but got `key` of shape ", args.key.sym_sizes());
+              "the query's length ",
+              target_len, ", but got `key` of shape ", args.key.sym_sizes());
   // Reading the values synchronises and cannot be traced: checked on real tensors only.
   if (is_concrete(positions) && positions.numel() > 0) {
     TORCH_CHECK(positions.min().item<int64_t>() >= 0, kOp,

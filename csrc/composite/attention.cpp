@@ -40,7 +40,8 @@ bool needs_autograd(const at::Tensor& query, const at::Tensor& key, const at::Te
 }
 
 at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                const MaskedRows& fix, double dropout_p, bool is_causal, bool grouped_heads = false) {
+                const MaskedRows& fix, double dropout_p, bool is_causal,
+                bool grouped_heads = false) {
   auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal,
                                                  /*scale=*/std::nullopt, grouped_heads);
   return fix.fully_masked_rows ? output.masked_fill(*fix.fully_masked_rows, 0) : output;

@@ -147,6 +147,8 @@ TEST(GroupedRotaryModule, PrettyPrintShowsTheOptionsGiven) {
   torchmha::MultiHeadAttention fractional(MultiHeadAttentionOptions(16, 4).rope_theta(0.1));
   EXPECT_NE(printed(fractional).find("batch_first=false, rope_theta=0.1)"), std::string::npos)
       << printed(fractional);
+  torchmha::MultiHeadAttention large(MultiHeadAttentionOptions(16, 4).rope_theta(1e6));
+  EXPECT_NE(printed(large).find("rope_theta=1000000)"), std::string::npos) << printed(large);
 }
 
 // A module with all num_heads key/value heads computing what the grouped module computes: each
@@ -188,7 +190,8 @@ TEST(GroupedRotaryModule, GroupedForwardEqualsRepeatedKeyValueHeads) {
     auto grouped = random_module(options);
     auto full = expanded_equivalent(grouped);
     const auto x = torch::randn({5, 3, 16}, torch::kFloat64);
-    const auto positions = torch::randint(0, 50, {3, 5}, torch::kInt64);
+    // Positions need rotary embeddings; without them the default (none) is the only one.
+    const auto positions = rotary ? torch::randint(0, 50, {3, 5}, torch::kInt64) : torch::Tensor();
     const auto [output, weights] = grouped->forward(x, x, x, {}, true, {}, false, true, positions);
     const auto [expected_output, expected_weights] =
         full->forward(x, x, x, {}, true, {}, false, true, positions);

@@ -1,9 +1,10 @@
-"""Tensor parallelism by heads for ``torchmha.MultiHeadAttention`` (Megatron-style).
+"""Tensor parallelism by heads for torchmha's attention modules (Megatron-style).
 
 ``HeadParallel()`` is a ``ParallelStyle`` for
-``torch.distributed.tensor.parallel.parallelize_module``: on a 1-D device mesh of ``tp`` ranks,
-rank ``r`` keeps the query heads ``[r * num_heads / tp, (r + 1) * num_heads / tp)`` whole and
-the key/value heads they use. The packed ``in_proj_weight``/``in_proj_bias`` (or
+``torch.distributed.tensor.parallel.parallelize_module`` that splits a
+``torchmha.MultiHeadAttention`` or a ``torchmha.TextbookMultiHeadAttention`` in place: on a 1-D
+device mesh of ``tp`` ranks, rank ``r`` keeps the query heads
+``[r * num_heads / tp, (r + 1) * num_heads / tp)`` whole and the key/value heads they use. The packed ``in_proj_weight``/``in_proj_bias`` (or
 ``q/k/v_proj_weight``) are sharded per q, k and v block, ``out_proj`` is row-parallel: each rank
 projects its heads' part, the parts are summed across the mesh and ``out_proj.bias`` is added
 once after the sum. Inputs and outputs are replicated (every rank passes the same ``query``,
@@ -16,7 +17,8 @@ gradients are summed across the mesh in backward, so the replicas stay equal.
 
 Parameters are plain local tensors (same names, local shapes) and the layout is recorded on the
 module; ``full_state_dict`` and ``load_full_state_dict`` move state dicts between the
-single-process layout and this one.
+single-process layout and this one (also under FSDP2). Each rank's op runs with its local head
+counts; ``need_weights`` returns the whole model's weights on every rank (gathered).
 """
 
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from torchmha.modules import MultiHeadAttention
 from torchmha.ops import multi_head_attention
+from torchmha.textbook import TextbookMultiHeadAttention
 
 __all__ = ["HeadParallel", "full_state_dict", "load_full_state_dict"]
 
@@ -46,6 +49,10 @@ class HeadLayout:
     num_kv_heads: int
     head_dim: int
     kv_replicated: bool
+
+    def __deepcopy__(self, memo: dict) -> "HeadLayout":
+        # Immutable, and a process group cannot be copied: a copied module shares the layout.
+        return self
 
     @property
     def local_heads(self) -> int:
@@ -158,34 +165,20 @@ class HeadParallelMultiHeadAttention(MultiHeadAttention):
         positions: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         layout = self.head_layout
-        group = layout.group
-        query, key, value = _copy_inputs(query, key, value, group)
         q_weight, k_weight, v_weight = self._projection_shards()
         q_bias, kv_bias = self._bias_shards()
-        local_dim = layout.local_embed_dim
-        # The op's query projection is square: the query heads are projected here, and the op
-        # gets an identity (exact) in its place and in place of out_proj.
-        projected = nn.functional.linear(query, q_weight, q_bias)
-        identity = torch.eye(local_dim, dtype=projected.dtype, device=projected.device)
-        attended, weights = multi_head_attention(
-            projected,
-            key,
-            value,
-            layout.local_heads,
-            in_proj_bias=None
-            if kv_bias is None
-            else torch.cat([torch.zeros_like(q_bias), kv_bias]),
-            out_proj_weight=identity,
-            q_proj_weight=identity,
-            k_proj_weight=k_weight,
-            v_proj_weight=v_weight,
+        output, weights = _attend_local_heads(
+            layout,
+            (query, key, value),
+            (q_weight, q_bias, k_weight, v_weight, kv_bias),
+            (self.out_proj.weight, self.out_proj.bias),
             bias_k=self._used_kv(self.bias_k),
             bias_v=self._used_kv(self.bias_v),
             add_zero_attn=self.add_zero_attn,
             dropout_p=self.dropout,
             training=self.training,
             key_padding_mask=key_padding_mask,
-            attn_mask=self._local_attn_mask(attn_mask, query),
+            attn_mask=_local_heads_mask(attn_mask, layout),
             need_weights=need_weights,
             average_attn_weights=average_attn_weights,
             is_causal=is_causal,
@@ -196,11 +189,8 @@ class HeadParallelMultiHeadAttention(MultiHeadAttention):
             rotary_interleaved=self.rotary_interleaved,
             positions=positions,
         )
-        output = _ReduceFromHeads.apply(nn.functional.linear(attended, self.out_proj.weight), group)
-        if self.out_proj.bias is not None:
-            output = output + self.out_proj.bias
         if weights is not None:
-            weights = self._whole_weights(weights, average_attn_weights)
+            weights = _whole_weights(weights, average_attn_weights, layout)
         return output, weights
 
     def _projection_shards(self) -> Tuple[Tensor, Tensor, Tensor]:
@@ -236,24 +226,6 @@ class HeadParallelMultiHeadAttention(MultiHeadAttention):
         rows = layout.used_kv_rows()
         return tensor.narrow(dim, rows.start, rows.stop - rows.start)
 
-    def _local_attn_mask(self, attn_mask: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
-        """A per-head ``(N * num_heads, L, S)`` mask keeps this rank's heads; others broadcast."""
-        if attn_mask is None or attn_mask.dim() != 3:
-            return attn_mask
-        layout = self.head_layout
-        per_head = attn_mask.unflatten(0, (-1, layout.num_heads))
-        rows = layout.q_rows()
-        heads = per_head.narrow(1, rows.start // layout.head_dim, layout.local_heads)
-        return heads.flatten(0, 1)
-
-    def _whole_weights(self, weights: Tensor, average_attn_weights: bool) -> Tensor:
-        layout = self.head_layout
-        if average_attn_weights:
-            return _ReduceFromHeads.apply(
-                weights * (layout.local_heads / layout.num_heads), layout.group
-            )
-        return _GatherHeads.apply(weights, weights.dim() - 3, layout.group)
-
     def extra_repr(self) -> str:
         layout = self.head_layout
         return (
@@ -261,6 +233,109 @@ class HeadParallelMultiHeadAttention(MultiHeadAttention):
             f"{layout.local_heads} query heads, {layout.local_kv_heads} key/value heads"
             + (", key/value replicated)" if layout.kv_replicated else ")")
         )
+
+
+class HeadParallelTextbookMultiHeadAttention(TextbookMultiHeadAttention):
+    """A ``TextbookMultiHeadAttention`` after ``HeadParallel``: holds and runs its rank's heads.
+
+    ``attn`` keeps every head's probabilities (gathered from all ranks), as before.
+    """
+
+    head_layout: HeadLayout
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor] = None
+    ) -> Tensor:
+        layout = self.head_layout
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise RuntimeError(
+                "torchmha.TextbookMultiHeadAttention: expected batch-first 3-D `query`, `key` "
+                f"and `value` (B, L, d_model), but got {list(query.shape)}, {list(key.shape)} "
+                f"and {list(value.shape)}"
+            )
+        attn_mask = None
+        if mask is not None:
+            # Nonzero = may attend, as the adapter reads it; this rank's heads only.
+            batch, target_len, source_len = query.size(0), query.size(1), key.size(1)
+            full = (mask == 0).expand(batch, self.h, target_len, source_len)
+            attn_mask = _local_heads_mask(
+                full.reshape(batch * self.h, target_len, source_len), layout
+            )
+        q_proj, k_proj, v_proj = self.linear_layers[0], self.linear_layers[1], self.linear_layers[2]
+        output, weights = _attend_local_heads(
+            layout,
+            (query, key, value),
+            (
+                q_proj.weight,
+                q_proj.bias,
+                k_proj.weight,
+                v_proj.weight,
+                torch.cat([k_proj.bias, v_proj.bias]),
+            ),
+            (self.output_linear.weight, self.output_linear.bias),
+            dropout_p=self.dropout_p,
+            training=self.training,
+            attn_mask=attn_mask,
+            need_weights=True,
+            average_attn_weights=False,
+            batch_first=True,
+        )
+        self.attn = _whole_weights(weights, False, layout)
+        return output
+
+
+def _attend_local_heads(
+    layout: HeadLayout,
+    inputs: Tuple[Tensor, Tensor, Tensor],
+    projections: Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]],
+    out_projection: Tuple[Tensor, Optional[Tensor]],
+    **options,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The op on this rank's heads, then the row-parallel output projection summed over ranks.
+
+    Returns the whole output and this rank's attention weights (None unless asked for).
+    """
+    query, key, value = _copy_inputs(*inputs, layout.group)
+    q_weight, q_bias, k_weight, v_weight, kv_bias = projections
+    # The op's query projection is square: the query heads are projected here, and the op
+    # gets an identity (exact) in its place and in place of out_proj.
+    projected = nn.functional.linear(query, q_weight, q_bias)
+    identity = torch.eye(layout.local_embed_dim, dtype=projected.dtype, device=projected.device)
+    q_zeros = projected.new_zeros(layout.local_embed_dim)
+    attended, weights = multi_head_attention(
+        projected,
+        key,
+        value,
+        layout.local_heads,
+        in_proj_bias=None if kv_bias is None else torch.cat([q_zeros, kv_bias]),
+        out_proj_weight=identity,
+        q_proj_weight=identity,
+        k_proj_weight=k_weight,
+        v_proj_weight=v_weight,
+        **options,
+    )
+    out_weight, out_bias = out_projection
+    output = _ReduceFromHeads.apply(nn.functional.linear(attended, out_weight), layout.group)
+    if out_bias is not None:
+        output = output + out_bias
+    return output, weights
+
+
+def _local_heads_mask(attn_mask: Optional[Tensor], layout: HeadLayout) -> Optional[Tensor]:
+    """A per-head ``(N * num_heads, L, S)`` mask keeps this rank's heads; others broadcast."""
+    if attn_mask is None or attn_mask.dim() != 3:
+        return attn_mask
+    per_head = attn_mask.unflatten(0, (-1, layout.num_heads))
+    first_head = layout.rank * layout.local_heads
+    return per_head.narrow(1, first_head, layout.local_heads).flatten(0, 1)
+
+
+def _whole_weights(weights: Tensor, average_attn_weights: bool, layout: HeadLayout) -> Tensor:
+    """Every rank's weights: the mean over all heads, or all heads in order."""
+    if average_attn_weights:
+        share = layout.local_heads / layout.num_heads
+        return _ReduceFromHeads.apply(weights * share, layout.group)
+    return _GatherHeads.apply(weights, weights.dim() - 3, layout.group)
 
 
 def _copy_inputs(
@@ -298,18 +373,32 @@ class HeadParallel(ParallelStyle):
             source = dist.get_global_rank(layout.group, self.src_data_rank)
             for tensor in full.values():
                 dist.broadcast(tensor, src=source, group=layout.group)
-        module.__class__ = HeadParallelMultiHeadAttention
+        output_projection = _output_projection(module)
+        module.__class__ = _PARALLEL_CLASSES[type(module)]
         module.head_layout = layout
         _assign_local(module, {name: _shard(name, t, layout) for name, t in full.items()})
-        module.out_proj.in_features = layout.local_embed_dim
+        output_projection.in_features = layout.local_embed_dim
         return module
+
+
+_PARALLEL_CLASSES = {
+    MultiHeadAttention: HeadParallelMultiHeadAttention,
+    TextbookMultiHeadAttention: HeadParallelTextbookMultiHeadAttention,
+}
+
+
+def _output_projection(module: nn.Module) -> nn.Linear:
+    return (
+        module.output_linear if isinstance(module, TextbookMultiHeadAttention) else module.out_proj
+    )
 
 
 def _check_and_lay_out(module: nn.Module, device_mesh: DeviceMesh) -> HeadLayout:
     """Refuses what cannot be split, with the same message on every rank before any collective."""
-    if type(module) is not MultiHeadAttention:
+    if type(module) not in _PARALLEL_CLASSES:
         raise ValueError(
-            "HeadParallel applies to torchmha.MultiHeadAttention modules, "
+            "HeadParallel applies to torchmha.MultiHeadAttention and "
+            "torchmha.TextbookMultiHeadAttention modules, "
             f"but got {type(module).__module__}.{type(module).__qualname__}"
         )
     if device_mesh.ndim != 1:
@@ -319,7 +408,10 @@ def _check_and_lay_out(module: nn.Module, device_mesh: DeviceMesh) -> HeadLayout
             'e.g. mesh["tp"]'
         )
     world_size = device_mesh.size()
-    num_heads, num_kv_heads = module.num_heads, module.num_kv_heads
+    if isinstance(module, TextbookMultiHeadAttention):
+        num_heads, num_kv_heads, head_dim = module.h, module.h, module.d_k
+    else:
+        num_heads, num_kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
     if num_heads % world_size != 0:
         raise ValueError(
             f"HeadParallel: num_heads {num_heads} is not divisible by the mesh size {world_size}"
@@ -335,7 +427,7 @@ def _check_and_lay_out(module: nn.Module, device_mesh: DeviceMesh) -> HeadLayout
         rank=device_mesh.get_local_rank(),
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=module.head_dim,
+        head_dim=head_dim,
         kv_replicated=num_kv_heads < world_size,
     )
 
@@ -352,7 +444,20 @@ _SHARDED = (
 )
 
 
+_TEXTBOOK_SHARDED = (
+    "linear_layers.0.weight",
+    "linear_layers.0.bias",
+    "linear_layers.1.weight",
+    "linear_layers.1.bias",
+    "linear_layers.2.weight",
+    "linear_layers.2.bias",
+    "output_linear.weight",
+)
+
+
 def _sharded_tensors(module: nn.Module) -> Dict[str, Tensor]:
+    if isinstance(module, TextbookMultiHeadAttention):
+        return {name: module.get_parameter(name) for name in _TEXTBOOK_SHARDED}
     tensors = {name: module.get_parameter(name) for name in _SHARDED[:-1] if _has(module, name)}
     tensors["out_proj.weight"] = module.out_proj.weight
     return tensors
@@ -369,9 +474,9 @@ def _blocks(name: str, tensor: Tensor, layout: HeadLayout, local: bool) -> List[
         kv_dim = layout.stored_kv_dim if local else layout.kv_dim
         q, k, v = tensor.split([q_dim, kv_dim, kv_dim])
         return [("q", q), ("kv", k), ("kv", v)]
-    if name == "q_proj_weight":
+    if name == "q_proj_weight" or name.startswith("linear_layers.0."):
         return [("q", tensor)]
-    if name in ("k_proj_weight", "v_proj_weight"):
+    if name in ("k_proj_weight", "v_proj_weight") or name.startswith("linear_layers."):
         return [("kv", tensor)]
     if name in ("bias_k", "bias_v"):
         return [("kv_last", tensor)]
@@ -415,11 +520,11 @@ def _assign_local(module: nn.Module, local: Dict[str, Tensor]) -> None:
         target.register_parameter(attribute, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
-def _head_parallel_modules(model: nn.Module) -> Dict[str, HeadParallelMultiHeadAttention]:
+def _head_parallel_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, HeadParallelMultiHeadAttention)
+        if isinstance(module, tuple(_PARALLEL_CLASSES.values()))
     }
 
 

@@ -26,7 +26,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 import torchmha
-from torchmha.parallel import HeadParallel, _gather, full_state_dict, load_full_state_dict
+from torchmha.parallel import (
+    HeadParallel,
+    _gather,
+    _sharded_tensors,
+    full_state_dict,
+    load_full_state_dict,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "examples"))
 import parallel as example  # noqa: E402  (scripts/examples/parallel.py: the model it trains)
@@ -153,15 +159,12 @@ def run_step(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwarg
 
 
 def full_gradients(module: nn.Module) -> Dict[str, Tensor]:
-    if not hasattr(module, "head_layout"):
-        return {name: parameter.grad for name, parameter in module.named_parameters()}
-    layout = module.head_layout
-    sharded = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight"}
-    sharded |= {"v_proj_weight", "bias_k", "bias_v", "out_proj.weight"}
-    return {
-        name: _gather(name, parameter.grad, layout) if name in sharded else parameter.grad
-        for name, parameter in module.named_parameters()
-    }
+    """Every parameter's gradient; a parallel module's shards gathered."""
+    gradients = {name: parameter.grad for name, parameter in module.named_parameters()}
+    if hasattr(module, "head_layout"):
+        for name in _sharded_tensors(module):
+            gradients[name] = _gather(name, gradients[name], module.head_layout)
+    return gradients
 
 
 def check_tensor_parallel(report: Dict[str, object], mesh) -> None:
@@ -178,6 +181,7 @@ def check_tensor_parallel(report: Dict[str, object], mesh) -> None:
             differences[f"input {index} grad"] = largest_difference(got, want)
         reference_gradients = full_gradients(reference)
         for name, gradient in full_gradients(parallel).items():
+            assert reference_gradients[name].abs().max() > 0, f"{label}: {name} has no gradient"
             differences[f"{name}.grad"] = largest_difference(gradient, reference_gradients[name])
         report[f"tp: {label}"] = differences
 
@@ -190,11 +194,45 @@ def check_unbatched(report: Dict[str, object], mesh) -> None:
     kwargs = dict(average_attn_weights=False, positions=positions)
     expected = run_step(reference, query, query, query, kwargs)
     actual = run_step(parallel, query, query, query, kwargs)
+    with torch.no_grad():  # a copy of a parallel module is one too
+        copied, _ = copy.deepcopy(parallel)(query, query, query, positions=positions)
     report["tp: unbatched, positions, per-head weights"] = {
         "output": largest_difference(actual[0], expected[0]),
+        "output of a copy": largest_difference(copied, expected[0]),
         "weights": largest_difference(actual[1], expected[1]),
         "input grad": largest_difference(actual[2][0], expected[2][0]),
     }
+
+
+def check_textbook(report: Dict[str, object], mesh) -> None:
+    """The textbook adapter: outputs, every head's ``attn`` and gradients, with a mask."""
+    torch.manual_seed(0)
+    reference = torchmha.TextbookMultiHeadAttention(4, EMBED_DIM, dropout=0.0).double()
+    parallel = parallelize_module(copy.deepcopy(reference), mesh, HeadParallel())
+    torch.manual_seed(1)
+    inputs = [torch.randn(BATCH, LENGTH, EMBED_DIM, dtype=torch.float64) for _ in range(3)]
+    mask = torch.ones(BATCH, 1, LENGTH, LENGTH).tril()
+    differences = {}
+    results = []
+    for module in (reference, parallel):
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        output = module(*leaves, mask=mask)
+        torch.manual_seed(2)
+        loss = (output * torch.randn_like(output)).sum()
+        (loss + (module.attn * torch.randn_like(module.attn)).sum()).backward()
+        results.append(
+            (output, module.attn, [leaf.grad for leaf in leaves], full_gradients(module))
+        )
+    expected, actual = results
+    differences["output"] = largest_difference(actual[0], expected[0])
+    differences["attn"] = largest_difference(actual[1], expected[1])
+    for index in range(3):
+        differences[f"input {index} grad"] = largest_difference(
+            actual[2][index], expected[2][index]
+        )
+    for name, gradient in expected[3].items():
+        differences[f"{name}.grad"] = largest_difference(actual[3][name], gradient)
+    report["tp: textbook adapter, mask, attn"] = differences
 
 
 def check_state_dicts(report: Dict[str, object], mesh) -> None:
@@ -273,6 +311,7 @@ def parallel_worker(rank: int, world_size: int, report: Dict[str, object]) -> No
     check_errors(report, mesh["tp"], mesh)
     check_tensor_parallel(report, mesh["tp"])
     check_unbatched(report, mesh["tp"])
+    check_textbook(report, mesh["tp"])
     check_state_dicts(report, mesh["tp"])
     check_training(report, "tensor parallel, tp=2", mesh["tp"], None)
     check_training(report, "FSDP2, dp=2", None, mesh["dp"])
@@ -301,7 +340,7 @@ def test_head_parallel_and_fsdp2_equal_one_process(tmp_path: Path) -> None:
         assert "num_heads 3 is not divisible by the mesh size 2" in report["error: heads"]
         assert "num_kv_heads 3 and the mesh size 2" in report["error: kv heads"]
         assert "1-D device mesh" in report["error: mesh"] and "(2, 2)" in report["error: mesh"]
-        assert "torch.nn.modules.activation.MultiheadAttention" in report["error: module"]
+        assert "but got torch.nn.modules.activation.MultiheadAttention" in report["error: module"]
     # The example trains: 3 finite losses, the same on every rank (all-reduced).
     losses = reports[0]["example losses"]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses), losses

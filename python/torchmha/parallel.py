@@ -4,11 +4,12 @@
 ``torch.distributed.tensor.parallel.parallelize_module`` that splits a
 ``torchmha.MultiHeadAttention`` or a ``torchmha.TextbookMultiHeadAttention`` in place: on a 1-D
 device mesh of ``tp`` ranks, rank ``r`` keeps the query heads
-``[r * num_heads / tp, (r + 1) * num_heads / tp)`` whole and the key/value heads they use. The packed ``in_proj_weight``/``in_proj_bias`` (or
-``q/k/v_proj_weight``) are sharded per q, k and v block, ``out_proj`` is row-parallel: each rank
-projects its heads' part, the parts are summed across the mesh and ``out_proj.bias`` is added
-once after the sum. Inputs and outputs are replicated (every rank passes the same ``query``,
-``key`` and ``value`` and gets the whole output).
+``[r * num_heads / tp, (r + 1) * num_heads / tp)`` whole and the key/value heads they use.
+The packed ``in_proj_weight``/``in_proj_bias`` (or ``q/k/v_proj_weight``) are sharded per q, k
+and v block, ``out_proj`` is row-parallel: each rank projects its heads' part, the parts are
+summed across the mesh and ``out_proj.bias`` is added once after the sum. Inputs and outputs are
+replicated (every rank passes the same ``query``, ``key`` and ``value`` and gets the whole
+output).
 
 Grouped-query attention: with ``num_kv_heads % tp == 0`` the key/value heads are split with
 their query heads; with ``tp % num_kv_heads == 0`` (fewer key/value heads than ranks) every rank

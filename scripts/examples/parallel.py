@@ -53,7 +53,8 @@ class TinyModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        # One feature: summing it drops the dimension without returning a view (FSDP2 warns).
+        return self.head(x).sum(dim=-1)
 
 
 def parallelize(
@@ -105,7 +106,7 @@ def run(argv: Optional[List[str]] = None) -> List[float]:
     # Every rank of a data-parallel group gets its own batches; the heads of one share them.
     torch.manual_seed(1 + dp_rank)
     inputs = torch.randn(args.steps, 4, 6, EMBED_DIM)
-    targets = torch.randn(args.steps, 4, 6, 1)
+    targets = torch.randn(args.steps, 4, 6)
     losses = []
     for step, loss in enumerate(train(model, inputs, targets)):
         # Each data-parallel group's loss, once per rank: the mean over ranks is the step's loss.

@@ -235,6 +235,21 @@ def check_textbook(report: Dict[str, object], mesh) -> None:
     report["tp: textbook adapter, mask, attn"] = differences
 
 
+def check_weights_from_rank_zero(report: Dict[str, object], mesh) -> None:
+    """Ranks that start from different weights all get mesh rank 0's (``src_data_rank=0``)."""
+    torch.manual_seed(10 + mesh.get_local_rank())
+    options = dict(num_heads=2, add_bias_kv=True, dtype=torch.float64)
+    parallel = parallelize_module(
+        torchmha.MultiHeadAttention(EMBED_DIM, **options), mesh, HeadParallel()
+    )
+    torch.manual_seed(10)
+    rank_zero = torchmha.MultiHeadAttention(EMBED_DIM, **options).state_dict()
+    report["state dict: weights from mesh rank 0"] = {
+        name: largest_difference(tensor, rank_zero[name])
+        for name, tensor in full_state_dict(parallel).items()
+    }
+
+
 def check_state_dicts(report: Dict[str, object], mesh) -> None:
     """A full state dict loads into the parallel model; one SGD step later, back again."""
     options = dict(num_heads=4, num_kv_heads=1, add_bias_kv=True, batch_first=True)
@@ -279,7 +294,7 @@ def make_training_data(dp_rank: int, dp_size: int):
     torch.manual_seed(0)
     model = example.TinyModel().double()
     inputs = torch.randn(STEPS, 4, LENGTH, example.EMBED_DIM, dtype=torch.float64)
-    targets = torch.randn(STEPS, 4, LENGTH, 1, dtype=torch.float64)
+    targets = torch.randn(STEPS, 4, LENGTH, dtype=torch.float64)
     rows = slice(dp_rank * 4 // dp_size, (dp_rank + 1) * 4 // dp_size)
     return model, inputs[:, rows], targets[:, rows]
 
@@ -313,6 +328,7 @@ def parallel_worker(rank: int, world_size: int, report: Dict[str, object]) -> No
     check_unbatched(report, mesh["tp"])
     check_textbook(report, mesh["tp"])
     check_state_dicts(report, mesh["tp"])
+    check_weights_from_rank_zero(report, mesh["tp"])
     check_training(report, "tensor parallel, tp=2", mesh["tp"], None)
     check_training(report, "FSDP2, dp=2", None, mesh["dp"])
     check_training(report, "2-D, dp=2 x tp=2", mesh["tp"], mesh["dp"])

@@ -139,10 +139,6 @@ class _GatherHeads(torch.autograd.Function):
         return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None, None
 
 
-def _copy_to_heads(tensor: Optional[Tensor], group: dist.ProcessGroup) -> Optional[Tensor]:
-    return None if tensor is None else _CopyToHeads.apply(tensor, group)
-
-
 class HeadParallelMultiHeadAttention(MultiHeadAttention):
     """A ``torchmha.MultiHeadAttention`` after ``HeadParallel``: holds and runs its rank's heads.
 
@@ -355,7 +351,8 @@ def _copy_inputs(
 
 
 class HeadParallel(ParallelStyle):
-    """Shards a ``torchmha.MultiHeadAttention`` by heads over a 1-D device mesh, in place.
+    """Shards a ``torchmha.MultiHeadAttention`` or ``TextbookMultiHeadAttention`` by heads over a
+    1-D device mesh, in place (the module's class becomes its head-parallel subclass).
 
     Every rank must pass the same inputs; the outputs (and attention weights, if asked for) are
     the whole model's on every rank. The full weights are taken from mesh rank

@@ -21,6 +21,16 @@ MultiheadAttention = MultiHeadAttention
 
 __version__ = _C.version()
 
+
+def __getattr__(name: str):
+    # torchmha.parallel imports torch.distributed.tensor, which plain use does not need.
+    if name == "parallel":
+        import importlib
+
+        return importlib.import_module("torchmha.parallel")
+    raise AttributeError(f"module 'torchmha' has no attribute {name!r}")
+
+
 __all__ = [
     "MultiHeadAttention",
     "MultiheadAttention",
@@ -28,6 +38,7 @@ __all__ = [
     "cpp",
     "load_separate_projections",
     "multi_head_attention",
+    "parallel",
     "save_state_dict",
     "separate_projections_state_dict",
 ]

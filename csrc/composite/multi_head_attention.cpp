@@ -101,7 +101,8 @@ Heads project_separate(const Arguments& args, const at::Tensor& query, const at:
           split_heads(v, args.num_heads, batch_first)};
 }
 
-// Grouped heads: q has embed_dim features, k and v kv_dim each (packed in that order).
+// Grouped heads (or rotary ones): q has embed_dim features, k and v kv_dim each (packed in that
+// order).
 Heads project_grouped(const Arguments& args, const at::Tensor& query, const at::Tensor& key,
                       const at::Tensor& value) {
   const bool batch_first = args.is_batch_first();
@@ -119,6 +120,16 @@ Heads project_grouped(const Arguments& args, const at::Tensor& query, const at::
     q = at::linear(query, *args.q_proj_weight, bias(0, embed_dim));
     k = at::linear(key, *args.k_proj_weight, bias(embed_dim, kv_dim));
     v = at::linear(value, *args.v_proj_weight, bias(embed_dim + kv_dim, kv_dim));
+  } else if (args.query.is_same(args.key) && args.key.is_same(args.value) && args.has_rotary()) {
+    // Self-attention with rotary embeddings: q and k from one GEMM, v from its own, so the
+    // unrotated q and k die with the rotation instead of living on in a packed q, k, v output.
+    const auto& weight = *args.in_proj_weight;
+    const auto packed = at::linear(query, weight.narrow_symint(0, 0, embed_dim + kv_dim),
+                                   bias(0, embed_dim + kv_dim));
+    q = packed.narrow_symint(-1, 0, embed_dim);
+    k = packed.narrow_symint(-1, embed_dim, kv_dim);
+    v = at::linear(value, weight.narrow_symint(0, embed_dim + kv_dim, kv_dim),
+                   bias(embed_dim + kv_dim, kv_dim));
   } else if (args.query.is_same(args.key) && args.key.is_same(args.value)) {
     // Self-attention: one GEMM produces q, k and v side by side.
     const auto packed = at::linear(query, *args.in_proj_weight, bias(0, embed_dim + 2 * kv_dim));
@@ -285,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   const bool head_major = need_weights && group == 1 && !args.has_rotary() &&
                           !weights_read_projection_in_place(args, mask, appended_keys, dropout);
   Heads heads =
-      group > 1 ? project_grouped(args, as_batched(query), as_batched(key), as_batched(value))
+      group > 1 || args.has_rotary()
+          ? project_grouped(args, as_batched(query), as_batched(key), as_batched(value))
       : args.has_packed_weight()
           ? project_packed(args, as_batched(query), as_batched(key), as_batched(value), head_major)
           : project_separate(args, as_batched(query), as_batched(key), as_batched(value));

@@ -42,25 +42,17 @@ at::Tensor rotate(const at::Tensor& heads, const RotaryTables& tables, const Arg
   const int64_t rotary_dim = rotary_dim_of(args);
   const int64_t head_dim = heads.sym_size(-1).guard_int(__FILE__, __LINE__);
   const int64_t half = rotary_dim / 2;
-  const auto rotating = heads.narrow(-1, 0, rotary_dim);
-  at::Tensor first, second;
-  if (args.rotary_interleaved) {
-    // Features 2i and 2i + 1 pair up (GPT-J, the original paper).
-    const auto pairs = rotating.unflatten(-1, {half, 2});
-    first = pairs.select(-1, 0);
-    second = pairs.select(-1, 1);
-  } else {
-    // Feature i pairs with i + rotary_dim / 2 ("rotate half": Llama, GPT-NeoX).
-    first = rotating.narrow(-1, 0, half);
-    second = rotating.narrow(-1, half, half);
-  }
-  const auto& cos = tables.cos;
-  const auto& sin = tables.sin;
-  const auto rotated_first = first * cos - second * sin;
-  const auto rotated_second = second * cos + first * sin;
-  auto rotated = args.rotary_interleaved
-                     ? at::stack({rotated_first, rotated_second}, -1).flatten(-2)
-                     : at::cat({rotated_first, rotated_second}, -1);
+  // Pairs side by side along `pair_dim`: (..., 2, half) for "rotate half" (Llama, GPT-NeoX: i
+  // with i + half), (..., half, 2) for interleaved pairs (GPT-J: 2i with 2i + 1).
+  const int64_t pair_dim = args.rotary_interleaved ? -1 : -2;
+  const auto pairs = heads.narrow(-1, 0, rotary_dim)
+                         .unflatten(-1, args.rotary_interleaved ? at::IntArrayRef{half, 2}
+                                                                : at::IntArrayRef{2, half});
+  const auto cos = tables.cos.unsqueeze(pair_dim);
+  const auto signed_sin = at::stack({-tables.sin, tables.sin}, pair_dim);
+  // (a, b) -> (a cos - b sin, b cos + a sin): the pairs swapped, times (-sin, sin), plus the
+  // pairs times cos. No narrowed halves: the backward allocates no zero-filled gradients.
+  auto rotated = at::addcmul(pairs * cos, pairs.flip(pair_dim), signed_sin).flatten(-2);
   if (rotary_dim == head_dim) {
     return rotated;
   }

@@ -27,6 +27,7 @@ LIBRARY_SOURCES = [
     "csrc/composite/head_mean_softmax.cpp",
     "csrc/composite/masks.cpp",
     "csrc/composite/multi_head_attention.cpp",
+    "csrc/composite/rotary.cpp",
     "csrc/module.cpp",
     "csrc/textbook.cpp",
     "csrc/serialize.cpp",

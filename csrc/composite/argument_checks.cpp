@@ -1,9 +1,12 @@
 // Every argument check of the op, with messages that name the argument and its shape.
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
+#include <string>
 
 #include "arguments.h"
+#include "attention.h"
 #include "decimal.h"
 
 namespace torchmha::composite {
@@ -126,9 +129,26 @@ void check_heads_and_lengths(const Arguments& args) {
               args.key.sym_sizes(), " and `value` ", args.value.sym_sizes());
 }
 
+// Where key/value heads are grouped, a shape message says how kv_dim follows from them.
+std::string kv_heads_note(const Arguments& args) {
+  if (args.group_size() == 1) {
+    return "";
+  }
+  return c10::str(" (kv_dim = num_kv_heads * embed_dim / num_heads = ", args.kv_heads(), " * ",
+                  args.query.sym_size(-1), " / ", args.num_heads, ")");
+}
+
+// How the message names the key/value projection's features: embed_dim unless grouped.
+const char* kv_dim_name(const Arguments& args) {
+  return args.group_size() == 1 ? "embed_dim" : "kv_dim";
+}
+
 void check_projection_weights(const Arguments& args) {
   const auto& query = args.query;
   const c10::SymInt embed_dim = query.sym_size(-1);
+  const c10::SymInt kv_dim = args.kv_dim();
+  const c10::SymInt packed_rows = embed_dim + 2 * kv_dim;
+  const char* packed_name = args.group_size() == 1 ? "3 * embed_dim" : "embed_dim + 2 * kv_dim";
   const bool any_separate =
       given(args.q_proj_weight) || given(args.k_proj_weight) || given(args.v_proj_weight);
   TORCH_CHECK(args.has_packed_weight() != any_separate, kOp,
@@ -138,10 +158,10 @@ void check_projection_weights(const Arguments& args) {
   if (args.has_packed_weight()) {
     const auto& weight = *args.in_proj_weight;
     check_dense_like_query(query, weight, "in_proj_weight");
-    TORCH_CHECK(has_shape(weight, {3 * embed_dim, embed_dim}), kOp,
-                "expected `in_proj_weight` of shape [3 * embed_dim, embed_dim] = [", 3 * embed_dim,
-                ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(), ", but got ",
-                weight.sym_sizes());
+    TORCH_CHECK(has_shape(weight, {packed_rows, embed_dim}), kOp,
+                "expected `in_proj_weight` of shape [", packed_name, ", embed_dim] = [",
+                packed_rows, ", ", embed_dim, "] for `query` of shape ", query.sym_sizes(),
+                kv_heads_note(args), ", but got ", weight.sym_sizes());
     TORCH_CHECK(args.key.sym_size(-1) == embed_dim && args.value.sym_size(-1) == embed_dim, kOp,
                 "a packed `in_proj_weight` needs `key` and `value` with embed_dim ", embed_dim,
                 " like `query`, but got `key` of shape ", args.key.sym_sizes(),
@@ -162,18 +182,20 @@ void check_projection_weights(const Arguments& args) {
       const auto& [weight, name] = weights[index];
       check_dense_like_query(query, *weight, name);
       const c10::SymInt input_dim = inputs[index]->sym_size(-1);
-      TORCH_CHECK(has_shape(*weight, {embed_dim, input_dim}), kOp, "expected `", name,
-                  "` of shape [embed_dim, ", input_names[index], ".size(-1)] = [", embed_dim, ", ",
-                  input_dim, "], but got ", weight->sym_sizes());
+      const c10::SymInt rows = index == 0 ? embed_dim : kv_dim;
+      TORCH_CHECK(has_shape(*weight, {rows, input_dim}), kOp, "expected `", name, "` of shape [",
+                  index == 0 ? "embed_dim" : kv_dim_name(args), ", ", input_names[index],
+                  ".size(-1)] = [", rows, ", ", input_dim, "]", kv_heads_note(args), ", but got ",
+                  weight->sym_sizes());
     }
   }
   check_dense_like_query(query, args.key, "key");
   check_dense_like_query(query, args.value, "value");
   if (given(args.in_proj_bias)) {
     check_dense_like_query(query, *args.in_proj_bias, "in_proj_bias");
-    TORCH_CHECK(has_shape(*args.in_proj_bias, {3 * embed_dim}), kOp,
-                "expected `in_proj_bias` of shape [3 * embed_dim] = [", 3 * embed_dim,
-                "], but got ", args.in_proj_bias->sym_sizes());
+    TORCH_CHECK(has_shape(*args.in_proj_bias, {packed_rows}), kOp,
+                "expected `in_proj_bias` of shape [", packed_name, "] = [", packed_rows, "]",
+                kv_heads_note(args), ", but got ", args.in_proj_bias->sym_sizes());
   }
   check_dense_like_query(query, args.out_proj_weight, "out_proj_weight");
   if (given(args.out_proj_bias)) {
@@ -191,14 +213,84 @@ void check_bias_kv(const Arguments& args) {
   if (!given(args.bias_k)) {
     return;
   }
-  const c10::SymInt embed_dim = args.query.sym_size(-1);
+  const c10::SymInt kv_dim = args.kv_dim();
   for (const auto& [bias, name] : {std::pair{&*args.bias_k, "bias_k"}, {&*args.bias_v, "bias_v"}}) {
     check_dense_like_query(args.query, *bias, name);
     // [E], [1, E] and [1, 1, E] as in PyTorch; a [2, E / 2] bias would be reshaped silently.
-    TORCH_CHECK(bias->dim() >= 1 && bias->dim() <= 3 && bias->sym_size(-1) == embed_dim &&
-                    bias->sym_numel() == embed_dim,
-                kOp, "expected `", name, "` of shape [1, 1, embed_dim] = [1, 1, ", embed_dim,
-                "], but got ", bias->sym_sizes());
+    TORCH_CHECK(bias->dim() >= 1 && bias->dim() <= 3 && bias->sym_size(-1) == kv_dim &&
+                    bias->sym_numel() == kv_dim,
+                kOp, "expected `", name, "` of shape [1, 1, ", kv_dim_name(args), "] = [1, 1, ",
+                kv_dim, "]", kv_heads_note(args), ", but got ", bias->sym_sizes());
+  }
+}
+
+void check_kv_heads(const Arguments& args) {
+  if (!args.num_kv_heads) {
+    return;
+  }
+  const int64_t kv_heads = *args.num_kv_heads;
+  TORCH_CHECK_VALUE(kv_heads > 0 && kv_heads <= args.num_heads && args.num_heads % kv_heads == 0,
+                    kOp, "`num_kv_heads` must divide num_heads ", args.num_heads,
+                    " (1 <= num_kv_heads <= num_heads), but got ", kv_heads);
+}
+
+void check_rotary(const Arguments& args) {
+  if (!args.has_rotary()) {
+    TORCH_CHECK_VALUE(!args.rotary_dim && !args.rotary_interleaved, kOp, "`",
+                      args.rotary_dim ? "rotary_dim" : "rotary_interleaved",
+                      "` applies to rotary embeddings, which need `rope_theta`");
+    TORCH_CHECK(!given(args.positions), kOp,
+                "`positions` places rotary embeddings, which need `rope_theta`");
+    return;
+  }
+  const double theta = *args.rope_theta;
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0.0, kOp,
+                    "`rope_theta` must be positive and finite, but got ", shortest_decimal(theta));
+  // A concrete head size: the rotation's split depends on it (guards on a traced embed_dim).
+  const int64_t head_dim = (args.query.sym_size(-1) / args.num_heads).guard_int(__FILE__, __LINE__);
+  if (args.rotary_dim) {
+    const int64_t rotary_dim = *args.rotary_dim;
+    TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, kOp,
+                      "`rotary_dim` must be even and in [2, head_dim] = [2, ", head_dim,
+                      "], but got ", rotary_dim);
+  } else {
+    TORCH_CHECK_VALUE(head_dim % 2 == 0, kOp,
+                      "rotary embeddings rotate pairs of features, but "
+                      "head_dim ",
+                      head_dim, " is odd: give an even `rotary_dim`");
+  }
+  if (!given(args.positions)) {
+    return;
+  }
+  const auto& positions = *args.positions;
+  check_dense(positions, "positions");
+  TORCH_CHECK(!at::isFloatingType(positions.scalar_type()) &&
+                  !at::isComplexType(positions.scalar_type()) &&
+                  positions.scalar_type() != at::kBool,
+              kOp, "expected integer `positions`, but got ", positions.scalar_type());
+  TORCH_CHECK(positions.device() == args.query.device(), kOp,
+              "expected `positions` on the device of `query` (", args.query.device(), "), but got ",
+              positions.device());
+  const int64_t seq_dim = args.sequence_dim();
+  const c10::SymInt target_len = args.query.sym_size(seq_dim);
+  const bool batched = args.is_batched();
+  if (batched) {
+    const c10::SymInt batch = args.query.sym_size(args.batch_first ? 0 : 1);
+    TORCH_CHECK(has_shape(positions, {target_len}) || has_shape(positions, {batch, target_len}),
+                kOp, "expected `positions` of shape [L] = [", target_len, "] or [batch, L] = [",
+                batch, ", ", target_len, "], but got ", positions.sym_sizes());
+  } else {
+    TORCH_CHECK(has_shape(positions, {target_len}), kOp, "expected `positions` of shape [L] = [",
+                target_len, "] for unbatched `query`, but got ", positions.sym_sizes());
+  }
+  TORCH_CHECK(args.key.sym_size(seq_dim) == target_len, kOp,
+              "`positions` gives the query tokens' positions, which the keys share, so `key` needs "
+              "the query's length ",
+              target_len, ", but got `key` of shape ", args.key.sym_sizes());
+  // Reading the values synchronises and cannot be traced: checked on real tensors only.
+  if (is_concrete(positions) && positions.numel() > 0) {
+    TORCH_CHECK(positions.min().item<int64_t>() >= 0, kOp,
+                "`positions` must be non-negative, but got ", positions.min().item<int64_t>());
   }
 }
 
@@ -240,6 +332,8 @@ void check_arguments(const Arguments& args) {
   check_ranks(args);
   check_embed_dim(args);
   check_heads_and_lengths(args);
+  check_kv_heads(args);
+  check_rotary(args);
   check_projection_weights(args);
   check_bias_kv(args);
   check_masks(args);

@@ -30,6 +30,11 @@ struct Arguments {
   bool average_attn_weights;
   bool is_causal;
   bool batch_first;
+  std::optional<int64_t> num_kv_heads;
+  std::optional<double> rope_theta;
+  std::optional<int64_t> rotary_dim;
+  bool rotary_interleaved;
+  const std::optional<at::Tensor>& positions;
 
   bool is_batched() const { return query.dim() == 3; }
   // Batch-first layout also covers unbatched inputs, which gain a leading batch of one.
@@ -37,6 +42,12 @@ struct Arguments {
   // Dimension of the sequence in query/key/value as given.
   int64_t sequence_dim() const { return is_batched() && batch_first ? 1 : 0; }
   bool has_packed_weight() const { return in_proj_weight.has_value() && in_proj_weight->defined(); }
+  int64_t kv_heads() const { return num_kv_heads.value_or(num_heads); }
+  // Query heads that share one key/value head.
+  int64_t group_size() const { return num_heads / kv_heads(); }
+  bool has_rotary() const { return rope_theta.has_value(); }
+  // Features of the key and value projections: num_kv_heads heads of embed_dim / num_heads.
+  c10::SymInt kv_dim() const { return query.sym_size(-1) / num_heads * kv_heads(); }
 };
 
 // True when an optional tensor argument is present and defined.

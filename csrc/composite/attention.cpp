@@ -40,8 +40,10 @@ bool needs_autograd(const at::Tensor& query, const at::Tensor& key, const at::Te
 }
 
 at::Tensor sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                const MaskedRows& fix, double dropout_p, bool is_causal) {
-  auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal);
+                const MaskedRows& fix, double dropout_p, bool is_causal,
+                bool grouped_heads = false) {
+  auto output = at::scaled_dot_product_attention(query, key, value, fix.mask, dropout_p, is_causal,
+                                                 /*scale=*/std::nullopt, grouped_heads);
   return fix.fully_masked_rows ? output.masked_fill(*fix.fully_masked_rows, 0) : output;
 }
 
@@ -174,8 +176,10 @@ at::Tensor scaled_scores(const at::Tensor& query, const at::Tensor& key_t,
 }
 
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                           std::optional<at::Tensor> mask, double dropout_p, bool is_causal) {
-  return sdpa(query, key, value, fix_fully_masked_rows(std::move(mask)), dropout_p, is_causal);
+                           std::optional<at::Tensor> mask, double dropout_p, bool is_causal,
+                           bool grouped_heads) {
+  return sdpa(query, key, value, fix_fully_masked_rows(std::move(mask)), dropout_p, is_causal,
+              grouped_heads);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_weights(const at::Tensor& query,

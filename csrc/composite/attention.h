@@ -40,9 +40,11 @@ double softmax_scale(const at::Tensor& query);
 at::Tensor scaled_scores(const at::Tensor& query, const at::Tensor& key_t,
                          const std::optional<at::Tensor>& mask, double scale);
 
-// The attention output (N, H, L, Dv) through at::scaled_dot_product_attention.
+// The attention output (N, H, L, Dv) through at::scaled_dot_product_attention. With
+// `grouped_heads`, key and value have fewer heads than query, each serving a group of query heads.
 at::Tensor fused_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                           std::optional<at::Tensor> mask, double dropout_p, bool is_causal);
+                           std::optional<at::Tensor> mask, double dropout_p, bool is_causal,
+                           bool grouped_heads = false);
 
 // True when attention_with_weights computes on the CPU block by block (blocked_attention.h): a
 // concrete CPU query, no dropout, a mask without grad and (N, H, L, S) scores of `score_elements`

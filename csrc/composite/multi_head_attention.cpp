@@ -9,6 +9,7 @@
 #include "arguments.h"
 #include "attention.h"
 #include "masks.h"
+#include "rotary.h"
 
 namespace torchmha::composite {
 namespace {
@@ -100,6 +101,79 @@ Heads project_separate(const Arguments& args, const at::Tensor& query, const at:
           split_heads(v, args.num_heads, batch_first)};
 }
 
+// Grouped heads: q has embed_dim features, k and v kv_dim each (packed in that order).
+Heads project_grouped(const Arguments& args, const at::Tensor& query, const at::Tensor& key,
+                      const at::Tensor& value) {
+  const bool batch_first = args.is_batch_first();
+  const c10::SymInt embed_dim = args.query.sym_size(-1);
+  const c10::SymInt kv_dim = args.kv_dim();
+  const auto bias = [&args](const c10::SymInt& start,
+                            const c10::SymInt& length) -> std::optional<at::Tensor> {
+    if (!given(args.in_proj_bias)) {
+      return std::nullopt;
+    }
+    return args.in_proj_bias->narrow_symint(0, start, length);
+  };
+  at::Tensor q, k, v;
+  if (!args.has_packed_weight()) {
+    q = at::linear(query, *args.q_proj_weight, bias(0, embed_dim));
+    k = at::linear(key, *args.k_proj_weight, bias(embed_dim, kv_dim));
+    v = at::linear(value, *args.v_proj_weight, bias(embed_dim + kv_dim, kv_dim));
+  } else if (args.query.is_same(args.key) && args.key.is_same(args.value)) {
+    // Self-attention: one GEMM produces q, k and v side by side.
+    const auto packed = at::linear(query, *args.in_proj_weight, bias(0, embed_dim + 2 * kv_dim));
+    q = packed.narrow_symint(-1, 0, embed_dim);
+    k = packed.narrow_symint(-1, embed_dim, kv_dim);
+    v = packed.narrow_symint(-1, embed_dim + kv_dim, kv_dim);
+  } else {
+    const auto& weight = *args.in_proj_weight;
+    q = at::linear(query, weight.narrow_symint(0, 0, embed_dim), bias(0, embed_dim));
+    if (args.key.is_same(args.value)) {
+      // Encoder-decoder attention: one GEMM produces k and v.
+      const auto kv = at::linear(key, weight.narrow_symint(0, embed_dim, 2 * kv_dim),
+                                 bias(embed_dim, 2 * kv_dim));
+      k = kv.narrow_symint(-1, 0, kv_dim);
+      v = kv.narrow_symint(-1, kv_dim, kv_dim);
+    } else {
+      k = at::linear(key, weight.narrow_symint(0, embed_dim, kv_dim), bias(embed_dim, kv_dim));
+      v = at::linear(value, weight.narrow_symint(0, embed_dim + kv_dim, kv_dim),
+                     bias(embed_dim + kv_dim, kv_dim));
+    }
+  }
+  const int64_t kv_heads = args.kv_heads();
+  return {split_heads(q, args.num_heads, batch_first), split_heads(k, kv_heads, batch_first),
+          split_heads(v, kv_heads, batch_first)};
+}
+
+// Rotary embeddings on the queries and keys; the keys share the queries' table when they share
+// their positions (given positions, or self-attention).
+void rotate_heads(const Arguments& args, Heads& heads) {
+  const auto dtype = heads.query.scalar_type();
+  const auto query_tables = rotary_tables(args, args.positions, heads.query.sym_size(2), dtype);
+  heads.query = rotate(heads.query, query_tables, args);
+  if (given(args.positions) || args.query.is_same(args.key)) {
+    heads.key = rotate(heads.key, query_tables, args);
+  } else {
+    heads.key =
+        rotate(heads.key, rotary_tables(args, std::nullopt, heads.key.sym_size(2), dtype), args);
+  }
+}
+
+// (N, Hkv, S, D) -> (N, Hkv * group, S, D): each key/value head repeated for its query heads.
+at::Tensor repeat_kv_heads(const at::Tensor& heads, int64_t group) {
+  const auto sizes = heads.sym_sizes();
+  return heads.unsqueeze(2)
+      .expand_symint({sizes[0], sizes[1], group, sizes[2], sizes[3]})
+      .flatten(1, 2);
+}
+
+// Whether at::scaled_dot_product_attention computes grouped heads without repeating them in
+// memory: the CPU's flash kernel takes them with any mask; on CUDA the flash kernel takes them,
+// but with a mask SDPA would fall back to its math kernel, which repeats them anyway.
+bool sdpa_takes_grouped_heads(const at::Tensor& query, const std::optional<at::Tensor>& mask) {
+  return query.device().is_cpu() || (query.device().is_cuda() && !mask);
+}
+
 // (1, 1, E) learned bias -> one more key/value position for every batch entry.
 at::Tensor append_bias(const at::Tensor& heads, const at::Tensor& bias, int64_t num_heads) {
   const std::array<c10::SymInt, 4> shape{heads.sym_size(0), -1, -1, -1};
@@ -148,7 +222,10 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const std::optional<at::Tensor>& out_proj_bias, const std::optional<at::Tensor>& bias_k,
     const std::optional<at::Tensor>& bias_v, bool add_zero_attn, double dropout_p, bool training,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& attn_mask,
-    bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first) {
+    bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first,
+    std::optional<int64_t> num_kv_heads, std::optional<double> rope_theta,
+    std::optional<int64_t> rotary_dim, bool rotary_interleaved,
+    const std::optional<at::Tensor>& positions) {
   const Arguments args{query,
                        key,
                        value,
@@ -170,7 +247,12 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
                        need_weights,
                        average_attn_weights,
                        is_causal,
-                       batch_first};
+                       batch_first,
+                       num_kv_heads,
+                       rope_theta,
+                       rotary_dim,
+                       rotary_interleaved,
+                       positions};
   check_arguments(args);
 
   // Unbatched inputs gain a batch of one in front and are treated as batch-first.
@@ -197,21 +279,34 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   auto mask = merged_additive_mask(args, effective_attn_mask, appended_keys);
   const double dropout = training ? dropout_p : 0.0;
 
+  const int64_t group = args.group_size();
   // SDPA takes the projections' strided views as they are; so do the CPU's blocks, mostly.
-  const bool head_major =
-      need_weights && !weights_read_projection_in_place(args, mask, appended_keys, dropout);
+  // Rotated and repeated heads are new tensors, laid out head-major already.
+  const bool head_major = need_weights && group == 1 && !args.has_rotary() &&
+                          !weights_read_projection_in_place(args, mask, appended_keys, dropout);
   Heads heads =
-      args.has_packed_weight()
+      group > 1 ? project_grouped(args, as_batched(query), as_batched(key), as_batched(value))
+      : args.has_packed_weight()
           ? project_packed(args, as_batched(query), as_batched(key), as_batched(value), head_major)
           : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
+  if (args.has_rotary()) {
+    rotate_heads(args, heads);
+  }
   if (given(bias_k)) {
-    heads.key = append_bias(heads.key, *bias_k, num_heads);
-    heads.value = append_bias(heads.value, *bias_v, num_heads);
+    heads.key = append_bias(heads.key, *bias_k, args.kv_heads());
+    heads.value = append_bias(heads.value, *bias_v, args.kv_heads());
   }
   if (add_zero_attn) {
     // One all-zero key and value position, appended along the sequence.
     heads.key = at::constant_pad_nd(heads.key, {0, 0, 0, 1}, 0);
     heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
+  }
+
+  // Only the fused path on a device whose SDPA takes grouped heads keeps them unrepeated.
+  const bool grouped_sdpa = group > 1 && !need_weights && sdpa_takes_grouped_heads(query, mask);
+  if (group > 1 && !grouped_sdpa) {
+    heads.key = repeat_kv_heads(heads.key, group);
+    heads.value = repeat_kv_heads(heads.value, group);
   }
 
   at::Tensor attended;
@@ -223,7 +318,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
       weights = weights.squeeze(0);
     }
   } else {
-    attended = fused_attention(heads.query, heads.key, heads.value, mask, dropout, use_causal_hint);
+    attended = fused_attention(heads.query, heads.key, heads.value, mask, dropout, use_causal_hint,
+                               grouped_sdpa);
     weights = at::empty({0}, query.options());
   }
 

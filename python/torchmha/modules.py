@@ -1,5 +1,6 @@
 """``torchmha.MultiHeadAttention``: a drop-in for ``torch.nn.MultiheadAttention``."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -27,6 +28,12 @@ class MultiHeadAttention(AllOrNothingLoading):
     attention output (before ``out_proj``) and zero weights instead of NaN, and
     ``is_causal=True`` without ``attn_mask`` is causal attention.
 
+    Beyond ``torch.nn.MultiheadAttention`` (keyword-only; the defaults keep it a drop-in):
+    grouped-query attention with ``num_kv_heads`` key/value heads, whose key and value
+    projections then have ``kv_dim = num_kv_heads * head_dim`` rows (``in_proj_weight`` is
+    ``(embed_dim + 2 * kv_dim, embed_dim)``), and rotary position embeddings on queries and keys
+    with ``rope_theta``, as decoder models (Llama, Mistral, GPT-NeoX, GPT-J) use them.
+
     Args:
         embed_dim: total dimension of the model.
         num_heads: number of parallel heads; must divide ``embed_dim``.
@@ -37,6 +44,14 @@ class MultiHeadAttention(AllOrNothingLoading):
         kdim: features in ``key`` (default ``embed_dim``).
         vdim: features in ``value`` (default ``embed_dim``).
         batch_first: inputs and outputs are ``(N, L, E)`` instead of ``(L, N, E)``.
+        num_kv_heads: key/value heads (``None``: ``num_heads``; must divide it; 1 is
+            multi-query attention). Query head ``h`` uses key/value head
+            ``h // (num_heads // num_kv_heads)``.
+        rope_theta: base of rotary position embeddings on queries and keys (``None``: none).
+        rotary_dim: leading features of each head that rotate (even; ``None``: all), as
+            GPT-NeoX's partial rotary embeddings.
+        rotary_interleaved: pair features ``2i`` and ``2i + 1`` (GPT-J) instead of ``i`` and
+            ``i + rotary_dim // 2`` (Llama, GPT-NeoX).
     """
 
     __constants__ = ["batch_first"]
@@ -54,6 +69,11 @@ class MultiHeadAttention(AllOrNothingLoading):
         batch_first: bool = False,
         device=None,
         dtype=None,
+        *,
+        num_kv_heads: Optional[int] = None,
+        rope_theta: Optional[float] = None,
+        rotary_dim: Optional[int] = None,
+        rotary_interleaved: bool = False,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(
@@ -66,6 +86,14 @@ class MultiHeadAttention(AllOrNothingLoading):
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        _check_grouped_rotary(
+            num_heads,
+            embed_dim // num_heads,
+            num_kv_heads,
+            rope_theta,
+            rotary_dim,
+            rotary_interleaved,
+        )
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
@@ -77,27 +105,32 @@ class MultiHeadAttention(AllOrNothingLoading):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         self.add_zero_attn = add_zero_attn
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        self.rope_theta = None if rope_theta is None else float(rope_theta)
+        self.rotary_dim = rotary_dim
+        self.rotary_interleaved = rotary_interleaved
+        kv_dim = self.num_kv_heads * self.head_dim
 
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(
-                torch.empty((3 * embed_dim, embed_dim), **factory_kwargs)
+                torch.empty((embed_dim + 2 * kv_dim, embed_dim), **factory_kwargs)
             )
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
             self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
-            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory_kwargs))
-            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty((kv_dim, self.kdim), **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty((kv_dim, self.vdim), **factory_kwargs))
             self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory_kwargs))
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
         if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
-            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+            self.bias_k = nn.Parameter(torch.empty((1, 1, kv_dim), **factory_kwargs))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, kv_dim), **factory_kwargs))
         else:
             self.bias_k = self.bias_v = None
         self._reset_parameters()
@@ -128,11 +161,17 @@ class MultiHeadAttention(AllOrNothingLoading):
         attn_mask: Optional[Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        positions: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Attend from ``query`` to ``key``/``value``, as ``torch.nn.MultiheadAttention`` does.
 
+        ``positions`` (integers, ``(L,)`` or ``(N, L)``; rotary embeddings only) places the query
+        tokens, which the keys share, e.g. for left-padded batches; by default queries and keys
+        are at ``0, 1, 2, ...``.
+
         Returns ``(attn_output, attn_output_weights)``; the weights are ``None`` unless
-        ``need_weights``, averaged over heads unless ``average_attn_weights=False``.
+        ``need_weights``, averaged over heads unless ``average_attn_weights=False`` (then one
+        per query head).
         """
         weights = self._attribute_weights() if _is_scripting() else self._registered_weights()
         return multi_head_attention(
@@ -158,6 +197,11 @@ class MultiHeadAttention(AllOrNothingLoading):
             average_attn_weights=average_attn_weights,
             is_causal=is_causal,
             batch_first=self.batch_first,
+            num_kv_heads=self.num_kv_heads,
+            rope_theta=self.rope_theta,
+            rotary_dim=self.rotary_dim,
+            rotary_interleaved=self.rotary_interleaved,
+            positions=positions,
         )
 
     def _attribute_weights(
@@ -220,7 +264,51 @@ class MultiHeadAttention(AllOrNothingLoading):
         return self._attribute_weights()
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
             f"batch_first={self.batch_first}"
+        )
+        if self.num_kv_heads != self.num_heads:
+            text += f", num_kv_heads={self.num_kv_heads}"
+        if self.rope_theta is not None:
+            text += f", rope_theta={self.rope_theta}"
+            if self.rotary_dim is not None:
+                text += f", rotary_dim={self.rotary_dim}"
+            if self.rotary_interleaved:
+                text += ", rotary_interleaved=True"
+        return text
+
+
+def _check_grouped_rotary(
+    num_heads: int,
+    head_dim: int,
+    num_kv_heads: Optional[int],
+    rope_theta: Optional[float],
+    rotary_dim: Optional[int],
+    rotary_interleaved: bool,
+) -> None:
+    """Refuses grouped-query and rotary options that the op would refuse, at construction."""
+    if num_kv_heads is not None and not (
+        0 < num_kv_heads <= num_heads and num_heads % num_kv_heads == 0
+    ):
+        raise ValueError(
+            f"num_kv_heads must divide num_heads {num_heads} (1 <= num_kv_heads <= num_heads), "
+            f"got {num_kv_heads}"
+        )
+    if rope_theta is None:
+        if rotary_dim is not None or rotary_interleaved:
+            name = "rotary_dim" if rotary_dim is not None else "rotary_interleaved"
+            raise ValueError(f"{name} applies to rotary embeddings, which need rope_theta")
+        return
+    if not math.isfinite(rope_theta) or rope_theta <= 0:
+        raise ValueError(f"rope_theta must be positive and finite, got {rope_theta}")
+    if rotary_dim is None:
+        if head_dim % 2 != 0:
+            raise ValueError(
+                f"rotary embeddings rotate pairs of features, but head_dim {head_dim} is odd: "
+                "give an even rotary_dim"
+            )
+    elif not (0 < rotary_dim <= head_dim and rotary_dim % 2 == 0):
+        raise ValueError(
+            f"rotary_dim must be even and in [2, head_dim] = [2, {head_dim}], got {rotary_dim}"
         )

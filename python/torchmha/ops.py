@@ -29,13 +29,29 @@ def multi_head_attention(
     average_attn_weights: bool = True,
     is_causal: bool = False,
     batch_first: bool = False,
+    num_kv_heads: Optional[int] = None,
+    rope_theta: Optional[float] = None,
+    rotary_dim: Optional[int] = None,
+    rotary_interleaved: bool = False,
+    positions: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Multi-head attention with ``torch.nn.functional.multi_head_attention_forward``'s semantics.
 
     Inputs are ``(L, N, E)`` (``(N, L, E)`` with ``batch_first``) or unbatched ``(L, E)``.
-    Give either ``in_proj_weight`` ``(3E, E)`` or all of ``q_proj_weight`` ``(E, E)``,
-    ``k_proj_weight`` ``(E, kdim)`` and ``v_proj_weight`` ``(E, vdim)``. Boolean masks are
+    Give either ``in_proj_weight`` ``(E + 2 * kv_dim, E)`` or all of ``q_proj_weight``
+    ``(E, E)``, ``k_proj_weight`` ``(kv_dim, kdim)`` and ``v_proj_weight`` ``(kv_dim, vdim)``,
+    where ``kv_dim = num_kv_heads * E // num_heads`` (``E`` by default). Boolean masks are
     ``True`` where attention is not allowed; floating masks are added to the scores.
+
+    Grouped-query attention: ``num_kv_heads`` key/value heads (``None``: ``num_heads``; it must
+    divide ``num_heads``); query head ``h`` uses key/value head
+    ``h // (num_heads // num_kv_heads)``. Rotary embeddings: with ``rope_theta``, the leading
+    ``rotary_dim`` features (``None``: all) of each query and key head rotate by
+    ``position * rope_theta ** (-2i / rotary_dim)``, after the projections and their biases;
+    feature ``i`` pairs with ``i + rotary_dim // 2`` (Llama, GPT-NeoX), or ``2i`` with ``2i + 1``
+    with ``rotary_interleaved`` (GPT-J). ``positions`` (integers, ``(L,)`` or ``(N, L)``) gives
+    the query tokens' positions, which the keys share; by default queries and keys are at
+    ``0, 1, 2, ...``. Keys appended by ``bias_k`` or ``add_zero_attn`` are not rotated.
     ``is_causal=True`` without ``attn_mask`` is causal attention. A query whose keys are all
     masked attends to nothing (zero before the output projection), never NaN.
 
@@ -77,6 +93,11 @@ def multi_head_attention(
         average_attn_weights,
         is_causal,
         batch_first,
+        num_kv_heads,
+        rope_theta,
+        rotary_dim,
+        rotary_interleaved,
+        positions,
     )
     if need_weights:
         return output, weights

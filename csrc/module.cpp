@@ -4,7 +4,11 @@
 #include <torchmha/ops.h>
 #include <torchmha/torchmha.h>
 
+#include <cmath>
+#include <iomanip>
 #include <limits>
+#include <sstream>
+#include <string>
 
 #include "composite/decimal.h"
 
@@ -15,10 +19,77 @@ const char* version() { return "0.1.0"; }
 MultiHeadAttentionOptions::MultiHeadAttentionOptions(int64_t embed_dim, int64_t num_heads)
     : embed_dim_(embed_dim), num_heads_(num_heads), kdim_(embed_dim), vdim_(embed_dim) {}
 
+namespace {
+
+// A number as a person writes it: a whole rope_theta such as 10000 prints whole, not as 1e+04.
+std::string readable_decimal(double value) {
+  constexpr double kWholeBelow = 1e17;  // Past this, whole numbers print with an exponent anyway.
+  auto shortest = composite::shortest_decimal(value);
+  if (shortest.find('e') == std::string::npos || !(std::abs(value) < kWholeBelow) ||
+      value != std::trunc(value)) {
+    return shortest;
+  }
+  std::ostringstream whole;
+  whole << std::fixed << std::setprecision(0) << value;
+  return whole.str();
+}
+
+void check_num_kv_heads(const MultiHeadAttentionOptions& options) {
+  if (!options.num_kv_heads().has_value()) {
+    return;
+  }
+  const auto num_kv_heads = *options.num_kv_heads();
+  const auto num_heads = options.num_heads();
+  TORCH_CHECK_VALUE(num_kv_heads > 0,
+                    "torchmha::MultiHeadAttention: `num_kv_heads` must be greater than 0, got ",
+                    num_kv_heads);
+  TORCH_CHECK_VALUE(num_kv_heads <= num_heads, "torchmha::MultiHeadAttention: `num_kv_heads` (",
+                    num_kv_heads, ") must be at most `num_heads` (", num_heads, ")");
+  TORCH_CHECK_VALUE(num_heads % num_kv_heads == 0, "torchmha::MultiHeadAttention: `num_kv_heads` (",
+                    num_kv_heads, ") must divide `num_heads` (", num_heads, ")");
+}
+
+void check_rotary(const MultiHeadAttentionOptions& options, int64_t head_dim) {
+  if (!options.rope_theta().has_value()) {
+    // Rotary details without a rotary embedding are a mistake, not something to ignore.
+    TORCH_CHECK_VALUE(!options.rotary_dim().has_value(),
+                      "torchmha::MultiHeadAttention: `rotary_dim`=", options.rotary_dim().value(),
+                      " needs `rope_theta` (no rotary embedding without it)");
+    TORCH_CHECK_VALUE(!options.rotary_interleaved(),
+                      "torchmha::MultiHeadAttention: `rotary_interleaved`=true needs `rope_theta` "
+                      "(no rotary embedding without it)");
+    return;
+  }
+  const auto theta = *options.rope_theta();
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0.0,
+                    "torchmha::MultiHeadAttention: `rope_theta` must be positive and finite, got ",
+                    readable_decimal(theta));
+  if (!options.rotary_dim().has_value()) {
+    return;
+  }
+  const auto rotary_dim = *options.rotary_dim();
+  TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+                    "torchmha::MultiHeadAttention: `rotary_dim` must be even, greater than 0 and "
+                    "at most head_dim (embed_dim / num_heads = ",
+                    head_dim, "), got ", rotary_dim);
+}
+
+}  // namespace
+
 MultiHeadAttentionImpl::MultiHeadAttentionImpl(const MultiHeadAttentionOptions& options_)
     : options(options_) {
   reset();
 }
+
+int64_t MultiHeadAttentionImpl::head_dim() const {
+  return options.embed_dim() / options.num_heads();
+}
+
+int64_t MultiHeadAttentionImpl::num_kv_heads() const {
+  return options.num_kv_heads().value_or(options.num_heads());
+}
+
+int64_t MultiHeadAttentionImpl::kv_dim() const { return num_kv_heads() * head_dim(); }
 
 void MultiHeadAttentionImpl::reset() {
   const auto embed_dim = options.embed_dim();
@@ -41,23 +112,30 @@ void MultiHeadAttentionImpl::reset() {
   TORCH_CHECK_VALUE(options.dropout() >= 0.0 && options.dropout() <= 1.0,
                     "torchmha::MultiHeadAttention: dropout must be in [0, 1], got ",
                     composite::shortest_decimal(options.dropout()));
+  check_num_kv_heads(options);
+  check_rotary(options, head_dim());
+  // Keys and values have kv_dim features: embed_dim unless grouped (never more, so no overflow).
+  const auto kv_features = kv_dim();
   qkv_same_embed_dim = options.kdim() == embed_dim && options.vdim() == embed_dim;
   if (qkv_same_embed_dim) {
-    in_proj_weight = register_parameter("in_proj_weight", torch::empty({3 * embed_dim, embed_dim}));
+    in_proj_weight = register_parameter("in_proj_weight",
+                                        torch::empty({embed_dim + 2 * kv_features, embed_dim}));
   } else {
     q_proj_weight = register_parameter("q_proj_weight", torch::empty({embed_dim, embed_dim}));
-    k_proj_weight = register_parameter("k_proj_weight", torch::empty({embed_dim, options.kdim()}));
-    v_proj_weight = register_parameter("v_proj_weight", torch::empty({embed_dim, options.vdim()}));
+    k_proj_weight =
+        register_parameter("k_proj_weight", torch::empty({kv_features, options.kdim()}));
+    v_proj_weight =
+        register_parameter("v_proj_weight", torch::empty({kv_features, options.vdim()}));
   }
   if (options.bias()) {
-    in_proj_bias = register_parameter("in_proj_bias", torch::empty({3 * embed_dim}));
+    in_proj_bias = register_parameter("in_proj_bias", torch::empty({embed_dim + 2 * kv_features}));
   }
   out_proj = register_module(
       "out_proj",
       torch::nn::Linear(torch::nn::LinearOptions(embed_dim, embed_dim).bias(options.bias())));
   if (options.add_bias_kv()) {
-    bias_k = register_parameter("bias_k", torch::empty({1, 1, embed_dim}));
-    bias_v = register_parameter("bias_v", torch::empty({1, 1, embed_dim}));
+    bias_k = register_parameter("bias_k", torch::empty({1, 1, kv_features}));
+    bias_v = register_parameter("bias_v", torch::empty({1, 1, kv_features}));
   }
   reset_parameters();
 }
@@ -83,7 +161,7 @@ void MultiHeadAttentionImpl::reset_parameters() {
 std::tuple<torch::Tensor, torch::Tensor> MultiHeadAttentionImpl::forward(
     const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
     const torch::Tensor& key_padding_mask, bool need_weights, const torch::Tensor& attn_mask,
-    bool average_attn_weights, bool is_causal) {
+    bool average_attn_weights, bool is_causal, const torch::Tensor& positions) {
   const auto optional = [](const torch::Tensor& t) {
     return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
   };
@@ -92,7 +170,9 @@ std::tuple<torch::Tensor, torch::Tensor> MultiHeadAttentionImpl::forward(
       optional(q_proj_weight), optional(k_proj_weight), optional(v_proj_weight), out_proj->weight,
       optional(out_proj->bias), optional(bias_k), optional(bias_v), options.add_zero_attn(),
       options.dropout(), is_training(), optional(key_padding_mask), optional(attn_mask),
-      need_weights, average_attn_weights, is_causal, options.batch_first());
+      need_weights, average_attn_weights, is_causal, options.batch_first(), options.num_kv_heads(),
+      options.rope_theta(), options.rotary_dim(), options.rotary_interleaved(),
+      optional(positions));
   return {output, need_weights ? weights : torch::Tensor()};
 }
 
@@ -109,7 +189,20 @@ void MultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {
   if (!qkv_same_embed_dim) {
     stream << ", kdim=" << options.kdim() << ", vdim=" << options.vdim();
   }
-  stream << ", batch_first=" << options.batch_first() << std::noboolalpha << ")";
+  stream << ", batch_first=" << options.batch_first();
+  if (options.num_kv_heads().has_value()) {
+    stream << ", num_kv_heads=" << *options.num_kv_heads();
+  }
+  if (options.rope_theta().has_value()) {
+    stream << ", rope_theta=" << readable_decimal(*options.rope_theta());
+  }
+  if (options.rotary_dim().has_value()) {
+    stream << ", rotary_dim=" << *options.rotary_dim();
+  }
+  if (options.rotary_interleaved()) {
+    stream << ", rotary_interleaved=true";
+  }
+  stream << std::noboolalpha << ")";
 }
 
 }  // namespace torchmha

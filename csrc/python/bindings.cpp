@@ -55,16 +55,22 @@ void replace_data(torch::Tensor& variable, const torch::Tensor& data) {
 
 // What pickle keeps of a module: its format, options, training flag and every parameter
 // (detached, as PyTorch's parameters pickle without their gradients, and its requires_grad).
+// Format 1 keeps nn.MultiheadAttention's options (or the textbook module's); format 2 adds the
+// grouped-query and rotary options. A module at their defaults still pickles as format 1, which
+// earlier releases read; one that uses them pickles as format 2, which those releases refuse
+// instead of silently dropping the options.
 constexpr int64_t kPickleFormat = 1;
+constexpr int64_t kGroupedRotaryPickleFormat = 2;
+constexpr size_t kFieldCount = 4;
 
 template <typename ModuleType>
-py::tuple module_state(const ModuleType& module, py::tuple options) {
+py::tuple module_state(const ModuleType& module, int64_t format, py::tuple options) {
   py::list parameters;
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
     parameters.append(
         py::make_tuple(item.key(), item.value().detach(), item.value().requires_grad()));
   }
-  return py::make_tuple(kPickleFormat, std::move(options), module.is_training(), parameters);
+  return py::make_tuple(format, std::move(options), module.is_training(), parameters);
 }
 
 // Builds a module from its pickled options without drawing from the caller's random stream:
@@ -84,12 +90,15 @@ std::shared_ptr<ModuleType> build_quietly(const Build& build) {
 }
 
 // Restores what module_state kept into a module built from the kept options.
+// `build(format, options)` checks that it knows the format and makes the module.
 template <typename ModuleType, typename Build>
 std::shared_ptr<ModuleType> restore_module(const py::tuple& state, const Build& build) {
-  TORCH_CHECK_VALUE(state.size() == 4 && state[0].cast<int64_t>() == kPickleFormat,
+  TORCH_CHECK_VALUE(state.size() == kFieldCount,
                     "torchmha: cannot unpickle a C++ module from this state (expected format ",
-                    kPickleFormat, " with 4 fields)");
-  auto module = build_quietly<ModuleType>([&] { return build(state[1].cast<py::tuple>()); });
+                    kPickleFormat, " or ", kGroupedRotaryPickleFormat, " with ", kFieldCount,
+                    " fields, got ", state.size(), " fields)");
+  auto module = build_quietly<ModuleType>(
+      [&] { return build(state[0].cast<int64_t>(), state[1].cast<py::tuple>()); });
   module->train(state[2].cast<bool>());
   auto parameters = module->named_parameters(/*recurse=*/true);
   const auto pickled = state[3].cast<py::list>();
@@ -122,15 +131,43 @@ torch::python::detail::PyModuleClass<ModuleType> bind_common(py::module& m, cons
                              [](ModuleType& module) { return module.named_parameters(true); });
 }
 
+bool uses_grouped_or_rotary(const torchmha::MultiHeadAttentionOptions& options) {
+  return options.num_kv_heads().has_value() || options.rope_theta().has_value() ||
+         options.rotary_dim().has_value() || options.rotary_interleaved();
+}
+
+// Options pickled in format 1; format 2 appends the grouped-query and rotary ones.
+constexpr size_t kOptionCount = 9;
+constexpr size_t kGroupedRotaryOptionCount = 13;
+
+int64_t pickle_format(const torchmha::MultiHeadAttentionImpl& module) {
+  return uses_grouped_or_rotary(module.options) ? kGroupedRotaryPickleFormat : kPickleFormat;
+}
+
 py::tuple options_tuple(const torchmha::MultiHeadAttentionOptions& options) {
-  return py::make_tuple(options.embed_dim(), options.num_heads(), options.dropout(), options.bias(),
-                        options.add_bias_kv(), options.add_zero_attn(), options.kdim(),
-                        options.vdim(), options.batch_first());
+  auto pytorch_options =
+      py::make_tuple(options.embed_dim(), options.num_heads(), options.dropout(), options.bias(),
+                     options.add_bias_kv(), options.add_zero_attn(), options.kdim(), options.vdim(),
+                     options.batch_first());
+  if (!uses_grouped_or_rotary(options)) {
+    return pytorch_options;
+  }
+  const auto grouped_rotary_options =
+      py::make_tuple(options.num_kv_heads(), options.rope_theta(), options.rotary_dim(),
+                     options.rotary_interleaved());
+  return py::tuple(pytorch_options + grouped_rotary_options);
 }
 
 std::shared_ptr<torchmha::MultiHeadAttentionImpl> build_multi_head_attention(
-    const py::tuple& options) {
-  return std::make_shared<torchmha::MultiHeadAttentionImpl>(
+    int64_t format, const py::tuple& options) {
+  const bool grouped_rotary = format == kGroupedRotaryPickleFormat;
+  TORCH_CHECK_VALUE((format == kPickleFormat && options.size() == kOptionCount) ||
+                        (grouped_rotary && options.size() == kGroupedRotaryOptionCount),
+                    "torchmha: cannot unpickle a C++ module from this state (expected format ",
+                    kPickleFormat, " with ", kOptionCount, " options or format ",
+                    kGroupedRotaryPickleFormat, " with ", kGroupedRotaryOptionCount,
+                    ", got format ", format, " with ", options.size(), ")");
+  auto module_options =
       torchmha::MultiHeadAttentionOptions(options[0].cast<int64_t>(), options[1].cast<int64_t>())
           .dropout(options[2].cast<double>())
           .bias(options[3].cast<bool>())
@@ -138,14 +175,30 @@ std::shared_ptr<torchmha::MultiHeadAttentionImpl> build_multi_head_attention(
           .add_zero_attn(options[5].cast<bool>())
           .kdim(options[6].cast<int64_t>())
           .vdim(options[7].cast<int64_t>())
-          .batch_first(options[8].cast<bool>()));
+          .batch_first(options[8].cast<bool>());
+  if (grouped_rotary) {
+    module_options.num_kv_heads(options[9].cast<std::optional<int64_t>>())
+        .rope_theta(options[10].cast<std::optional<double>>())
+        .rotary_dim(options[11].cast<std::optional<int64_t>>())
+        .rotary_interleaved(options[12].cast<bool>());
+  }
+  return std::make_shared<torchmha::MultiHeadAttentionImpl>(module_options);
+}
+
+int64_t pickle_format(const torchmha::TextbookMultiHeadAttentionImpl& /*module*/) {
+  return kPickleFormat;
 }
 
 py::tuple options_tuple(const torchmha::TextbookMultiHeadAttentionOptions& options) {
   return py::make_tuple(options.h(), options.d_model(), options.dropout());
 }
 
-std::shared_ptr<torchmha::TextbookMultiHeadAttentionImpl> build_textbook(const py::tuple& options) {
+std::shared_ptr<torchmha::TextbookMultiHeadAttentionImpl> build_textbook(int64_t format,
+                                                                         const py::tuple& options) {
+  TORCH_CHECK_VALUE(format == kPickleFormat && options.size() == 3,
+                    "torchmha: cannot unpickle a C++ module from this state (expected format ",
+                    kPickleFormat, " with 3 options, got format ", format, " with ", options.size(),
+                    ")");
   return std::make_shared<torchmha::TextbookMultiHeadAttentionImpl>(
       torchmha::TextbookMultiHeadAttentionOptions(options[0].cast<int64_t>(),
                                                   options[1].cast<int64_t>())
@@ -156,7 +209,9 @@ std::shared_ptr<torchmha::TextbookMultiHeadAttentionImpl> build_textbook(const p
 template <typename ModuleType, typename Build>
 auto pickling(const Build& build) {
   return py::pickle(
-      [](const ModuleType& module) { return module_state(module, options_tuple(module.options)); },
+      [](const ModuleType& module) {
+        return module_state(module, pickle_format(module), options_tuple(module.options));
+      },
       [build](const py::tuple& state) { return restore_module<ModuleType>(state, build); });
 }
 
@@ -176,7 +231,9 @@ PYBIND11_MODULE(_C, m) {
   bind_common<MultiHeadAttentionImpl>(m, "MultiHeadAttention")
       .def(py::init([](int64_t embed_dim, int64_t num_heads, double dropout, bool bias,
                        bool add_bias_kv, bool add_zero_attn, std::optional<int64_t> kdim,
-                       std::optional<int64_t> vdim, bool batch_first) {
+                       std::optional<int64_t> vdim, bool batch_first,
+                       std::optional<int64_t> num_kv_heads, std::optional<double> rope_theta,
+                       std::optional<int64_t> rotary_dim, bool rotary_interleaved) {
              return std::make_shared<MultiHeadAttentionImpl>(
                  torchmha::MultiHeadAttentionOptions(embed_dim, num_heads)
                      .dropout(dropout)
@@ -185,34 +242,56 @@ PYBIND11_MODULE(_C, m) {
                      .add_zero_attn(add_zero_attn)
                      .kdim(kdim.value_or(embed_dim))
                      .vdim(vdim.value_or(embed_dim))
-                     .batch_first(batch_first));
+                     .batch_first(batch_first)
+                     .num_kv_heads(num_kv_heads)
+                     .rope_theta(rope_theta)
+                     .rotary_dim(rotary_dim)
+                     .rotary_interleaved(rotary_interleaved));
            }),
            py::arg("embed_dim"), py::arg("num_heads"), py::arg("dropout") = 0.0,
            py::arg("bias") = true, py::arg("add_bias_kv") = false, py::arg("add_zero_attn") = false,
            py::arg("kdim") = py::none(), py::arg("vdim") = py::none(),
-           py::arg("batch_first") = false)
+           py::arg("batch_first") = false, py::kw_only(), py::arg("num_kv_heads") = py::none(),
+           py::arg("rope_theta") = py::none(), py::arg("rotary_dim") = py::none(),
+           py::arg("rotary_interleaved") = false)
       .def(pickling<MultiHeadAttentionImpl>(&build_multi_head_attention))
       .def(
           "forward",
           [](MultiHeadAttentionImpl& module, const torch::Tensor& query, const torch::Tensor& key,
              const torch::Tensor& value, const std::optional<torch::Tensor>& key_padding_mask,
              bool need_weights, const std::optional<torch::Tensor>& attn_mask,
-             bool average_attn_weights, bool is_causal) {
+             bool average_attn_weights, bool is_causal,
+             const std::optional<torch::Tensor>& positions) {
             return module.forward(query, key, value, or_undefined(key_padding_mask), need_weights,
-                                  or_undefined(attn_mask), average_attn_weights, is_causal);
+                                  or_undefined(attn_mask), average_attn_weights, is_causal,
+                                  or_undefined(positions));
           },
           py::arg("query"), py::arg("key"), py::arg("value"),
           py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = true,
           py::arg("attn_mask") = py::none(), py::arg("average_attn_weights") = true,
-          py::arg("is_causal") = false)
+          py::arg("is_causal") = false, py::arg("positions") = py::none())
       .def_property_readonly(
           "embed_dim",
           [](const MultiHeadAttentionImpl& module) { return module.options.embed_dim(); })
       .def_property_readonly(
           "num_heads",
           [](const MultiHeadAttentionImpl& module) { return module.options.num_heads(); })
-      .def_property_readonly("batch_first", [](const MultiHeadAttentionImpl& module) {
-        return module.options.batch_first();
+      .def_property_readonly(
+          "batch_first",
+          [](const MultiHeadAttentionImpl& module) { return module.options.batch_first(); })
+      .def_property_readonly("head_dim",
+                             [](const MultiHeadAttentionImpl& module) { return module.head_dim(); })
+      .def_property_readonly(
+          "num_kv_heads",
+          [](const MultiHeadAttentionImpl& module) { return module.num_kv_heads(); })
+      .def_property_readonly(
+          "rope_theta",
+          [](const MultiHeadAttentionImpl& module) { return module.options.rope_theta(); })
+      .def_property_readonly(
+          "rotary_dim",
+          [](const MultiHeadAttentionImpl& module) { return module.options.rotary_dim(); })
+      .def_property_readonly("rotary_interleaved", [](const MultiHeadAttentionImpl& module) {
+        return module.options.rotary_interleaved();
       });
 
   using torchmha::TextbookMultiHeadAttentionImpl;

@@ -10,6 +10,7 @@ from torchmha import (  # noqa: E402
     _C,  # noqa: F401  (registers the op)
     cpp,
 )
+from torchmha.conversion import load_separate_projections, separate_projections_state_dict
 from torchmha.modules import MultiHeadAttention
 from torchmha.ops import multi_head_attention
 from torchmha.serialization import save_state_dict
@@ -20,11 +21,24 @@ MultiheadAttention = MultiHeadAttention
 
 __version__ = _C.version()
 
+
+def __getattr__(name: str):
+    # torchmha.parallel imports torch.distributed.tensor, which plain use does not need.
+    if name == "parallel":
+        import importlib
+
+        return importlib.import_module("torchmha.parallel")
+    raise AttributeError(f"module 'torchmha' has no attribute {name!r}")
+
+
 __all__ = [
     "MultiHeadAttention",
     "MultiheadAttention",
     "TextbookMultiHeadAttention",
     "cpp",
+    "load_separate_projections",
     "multi_head_attention",
+    "parallel",
     "save_state_dict",
+    "separate_projections_state_dict",
 ]

@@ -100,7 +100,12 @@ class _CppModule(AllOrNothingLoading):
 
 
 class MultiHeadAttention(_CppModule):
-    """The C++ ``torchmha::MultiHeadAttention``; ``torch.nn.MultiheadAttention``'s arguments."""
+    """The C++ ``torchmha::MultiHeadAttention``; ``torch.nn.MultiheadAttention``'s arguments.
+
+    The keyword-only ``num_kv_heads`` (grouped-query attention), ``rope_theta``, ``rotary_dim``
+    and ``rotary_interleaved`` (rotary embeddings) are ``torchmha.MultiHeadAttention``'s, and
+    ``forward(..., positions=None)`` takes the query tokens' rotary positions.
+    """
 
     def __init__(
         self,
@@ -113,6 +118,11 @@ class MultiHeadAttention(_CppModule):
         kdim: Optional[int] = None,
         vdim: Optional[int] = None,
         batch_first: bool = False,
+        *,
+        num_kv_heads: Optional[int] = None,
+        rope_theta: Optional[float] = None,
+        rotary_dim: Optional[int] = None,
+        rotary_interleaved: bool = False,
     ) -> None:
         super().__init__(
             _C.MultiHeadAttention(
@@ -125,6 +135,10 @@ class MultiHeadAttention(_CppModule):
                 kdim,
                 vdim,
                 batch_first,
+                num_kv_heads=num_kv_heads,
+                rope_theta=rope_theta,
+                rotary_dim=rotary_dim,
+                rotary_interleaved=rotary_interleaved,
             )
         )
 
@@ -139,6 +153,28 @@ class MultiHeadAttention(_CppModule):
     @property
     def batch_first(self) -> bool:
         return self.cpp_module.batch_first
+
+    @property
+    def head_dim(self) -> int:
+        return self.cpp_module.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: the option, or ``num_heads`` when it was not given."""
+        return self.cpp_module.num_kv_heads
+
+    @property
+    def rope_theta(self) -> Optional[float]:
+        return self.cpp_module.rope_theta
+
+    @property
+    def rotary_dim(self) -> Optional[int]:
+        """As given: ``None`` rotates all of ``head_dim`` (with ``rope_theta``)."""
+        return self.cpp_module.rotary_dim
+
+    @property
+    def rotary_interleaved(self) -> bool:
+        return self.cpp_module.rotary_interleaved
 
 
 class TextbookMultiHeadAttention(_CppModule):

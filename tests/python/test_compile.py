@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from interchange_models import EMBED_DIM, AttentionBlock, TextbookBlock, randomize
+from interchange_models import (
+    EMBED_DIM,
+    AttentionBlock,
+    DecoderBlock,
+    TextbookBlock,
+    positions_of_length,
+    randomize,
+)
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import torchmha
@@ -42,6 +49,29 @@ def test_dynamic_lengths_compile_once() -> None:
             x = torch.randn(2, length, EMBED_DIM)
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
             compiles_per_length.append(counter.frame_count)
+    # Whatever the first call compiled serves every later length.
+    assert compiles_per_length[0] > 0
+    assert compiles_per_length == [compiles_per_length[0]] * 4
+
+
+def test_grouped_rotary_block_compiles_once_and_trains_at_every_length() -> None:
+    """Grouped-query attention with rotary embeddings and positions: fullgraph=True and
+    dynamic=True, forward and every gradient equal eager's at each length, one compilation."""
+    model = randomize(DecoderBlock()).train()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    compiles_per_length = []
+    for length in (5, 8, 11, 16):
+        x = torch.randn(2, length, EMBED_DIM, requires_grad=True)
+        positions = positions_of_length(length)
+        expected = model(x, positions)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *model.parameters()])
+        actual = compiled(x, positions)
+        actual_grads = torch.autograd.grad(actual.square().sum(), [x, *model.parameters()])
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+        for actual_grad, expected_grad in zip(actual_grads, expected_grads):
+            torch.testing.assert_close(actual_grad, expected_grad, atol=1e-5, rtol=1e-4)
+        compiles_per_length.append(counter.frame_count)
     # Whatever the first call compiled serves every later length.
     assert compiles_per_length[0] > 0
     assert compiles_per_length == [compiles_per_length[0]] * 4

@@ -1,7 +1,15 @@
 """torch.export: models using torchmha export, and the exported programs match eager."""
 
 import torch
-from interchange_models import EMBED_DIM, AttentionBlock, TextbookBlock, example_inputs, randomize
+from interchange_models import (
+    EMBED_DIM,
+    AttentionBlock,
+    DecoderBlock,
+    TextbookBlock,
+    example_inputs,
+    positions_of_length,
+    randomize,
+)
 from torch.export import Dim
 
 
@@ -20,6 +28,24 @@ def test_exported_block_matches_eager_at_other_lengths() -> None:
         padding = torch.zeros(2, sequence, dtype=torch.bool)
         padding[0, -1] = True
         torch.testing.assert_close(program.module()(x, padding), model(x, padding))
+
+
+def test_exported_grouped_rotary_block_matches_eager_at_other_lengths() -> None:
+    """Grouped-query attention with rotary embeddings and positions, exported with a dynamic
+    length; the decomposed program (standard ATen) gives the same numbers."""
+    model = randomize(DecoderBlock())
+    inputs = example_inputs()
+    length = Dim("length", min=2, max=64)
+    program = torch.export.export(
+        model, (inputs["x"], inputs["positions"]), dynamic_shapes=({1: length}, {1: length})
+    )
+    decomposed = program.run_decompositions()
+    for sequence in (3, 7, 20):
+        x = torch.randn(2, sequence, EMBED_DIM)
+        positions = positions_of_length(sequence)
+        expected = model(x, positions)
+        torch.testing.assert_close(program.module()(x, positions), expected)
+        torch.testing.assert_close(decomposed.module()(x, positions), expected)
 
 
 def test_exported_textbook_block_matches_eager() -> None:

@@ -1,12 +1,14 @@
 """Every argument of ``torch.nn.MultiheadAttention``, crossed, against PyTorch with copied weights.
 
-The matrix has 15 axes (``AXES``): head layout ``(embed_dim, num_heads)`` (head_dim 1 to 128,
-odd head counts 3, 5, 7), ``kdim``/``vdim``, ``bias``, ``add_bias_kv``, ``add_zero_attn``,
+The matrix has 18 axes (``AXES``): head layout ``(embed_dim, num_heads)`` (head_dim 1 to 128,
+odd head counts 3, 5, 7), key/value heads (``num_kv_heads`` all, grouped or one), rotary
+embeddings (none, whole heads, partial, interleaved), rotary ``positions`` (default or given per
+batch entry), ``kdim``/``vdim``, ``bias``, ``add_bias_kv``, ``add_zero_attn``,
 batched or unbatched 2-D inputs, ``batch_first``, self/key-is-value/cross attention, contiguous,
 strided (transposed and sliced views) or expanded (stride-0) inputs, ``attn_mask`` (none, bool
 or float, 2-D or 3-D), ``key_padding_mask`` (none, bool, float), ``is_causal``, ``need_weights``,
-``average_attn_weights`` and the dtype (float64, float32). Their full cross product has about
-1.4 million valid configurations, so the matrix samples it in two parts, both drawn once from
+``average_attn_weights`` and the dtype (float64, float32). Their full cross product has tens of
+millions of valid configurations, so the matrix samples it in two parts, both drawn once from
 fixed seeds and identical on every run:
 
 - a *pairwise covering design* (``PAIRWISE``, about 50 rows): ``pairwise_design`` builds rows
@@ -22,7 +24,10 @@ fixed seeds and identical on every run:
 
 Each row runs on ``torchmha.MultiHeadAttention`` and on ``torchmha.cpp.MultiHeadAttention``;
 outputs, weights and the gradients of the inputs (through their views) and of every parameter must
-equal PyTorch's at the per-dtype tolerances of ``conftest.TOLERANCES``. Where a GPU is present the
+equal PyTorch's at the per-dtype tolerances of ``conftest.TOLERANCES``: ``nn.MultiheadAttention``'s
+where the row has neither grouped heads nor rotary embeddings, else those of
+``grouped_rotary_reference.GroupedRotaryAttention`` (PyTorch's ``multi_head_attention_forward``
+after test-side projection, rotation and key/value head repetition). Where a GPU is present the
 same rows run again on CUDA (both modules and PyTorch's there); without one those are skipped.
 
 ``is_causal=True`` follows PyTorch's rule for the hint: with ``attn_mask`` given, both modules
@@ -39,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import pytest
 import torch
 from conftest import assert_close, grads_by_name
+from grouped_rotary_reference import GroupedRotaryAttention
 from torch import Tensor, nn
 
 import torchmha
@@ -46,6 +52,7 @@ import torchmha
 BATCH, TARGET_LEN, SOURCE_LEN = 2, 3, 4
 DESIGN_SEED = 20240603
 RANDOM_ROWS = 100
+GROUPED_RANDOM_ROWS = 40
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 # Each argument's values; dims are (embed_dim, num_heads): head_dim 1, 1, 1, 2, 3, 2, 8, 32, 128.
@@ -77,6 +84,23 @@ AXES: Dict[str, List[Any]] = {
     "average_attn_weights": [True, False],
     "dtype": ["float64", "float32"],
 }
+# The defaults of the axes that torch.nn.MultiheadAttention does not have.
+BEYOND_PYTORCH_DEFAULTS: Dict[str, Any] = {
+    "kv_heads": "all",
+    "rotary": "none",
+    "positions": "default",
+}
+# The same axes and three more, with head layouts of 4 and 6 heads for grouping (head_dim 4, 8).
+GROUPED_ROTARY_AXES: Dict[str, List[Any]] = {
+    **AXES,
+    "dims": AXES["dims"] + [(16, 4), (48, 6)],
+    # num_kv_heads: num_heads, num_heads // 2 (for 4 and 6 heads) or 1 (multi-query attention).
+    "kv_heads": ["all", "grouped", "one"],
+    # rope_theta with rotary_dim = head_dim, head_dim // 2 (head_dim >= 4), or interleaved pairs.
+    "rotary": ["none", "full", "partial", "interleaved"],
+    # Rotary positions given per batch entry (self-attention), or 0, 1, 2, ...
+    "positions": ["default", "given"],
+}
 
 Row = Dict[str, Any]
 Pair = Tuple[Tuple[str, Any], Tuple[str, Any]]
@@ -84,10 +108,32 @@ Pair = Tuple[Tuple[str, Any], Tuple[str, Any]]
 
 def is_valid(row: Row) -> bool:
     """Constraints on a (partial) row: self-attention needs kdim = vdim = embed_dim, and a key
-    that is also the value needs kdim = vdim."""
+    that is also the value needs kdim = vdim; grouped heads need 4 or 6 heads; rotary embeddings
+    need an even head_dim (partial ones at least 4); given positions need rotary embeddings and
+    self-attention (the keys share the queries' positions)."""
     if row.get("kind") == "self" and row.get("kv_dims", "embed_dim") != "embed_dim":
         return False
-    return not (row.get("kind") == "key_is_value" and row.get("kv_dims") == "kdim_vdim")
+    if row.get("kind") == "key_is_value" and row.get("kv_dims") == "kdim_vdim":
+        return False
+    if "dims" in row:
+        embed_dim, num_heads = row["dims"]
+        head_dim = embed_dim // num_heads
+        if row.get("kv_heads") == "grouped" and num_heads not in (4, 6):
+            return False
+        rotary = row.get("rotary", "none")
+        if rotary != "none" and head_dim % 2 != 0:
+            return False
+        if rotary == "partial" and head_dim < 4:
+            return False
+    if row.get("positions") == "given":
+        # Implied too: self-attention's kdim = vdim = embed_dim, rotary's even head_dim.
+        if row.get("rotary") == "none" or row.get("kind", "self") != "self":
+            return False
+        if row.get("kv_dims", "embed_dim") != "embed_dim":
+            return False
+        if "dims" in row and (row["dims"][0] // row["dims"][1]) % 2 != 0:
+            return False
+    return True
 
 
 def pairs_of(row: Row, names: Sequence[str]) -> Set[Pair]:
@@ -149,16 +195,25 @@ def random_rows(axes: Dict[str, List[Any]], seed: int, count: int) -> List[Row]:
     return rows
 
 
-PAIRWISE = pairwise_design(AXES, DESIGN_SEED)
+PAIRWISE = [dict(row, **BEYOND_PYTORCH_DEFAULTS) for row in pairwise_design(AXES, DESIGN_SEED)]
 # Random rows on top reach interactions of three and more arguments, drawn once (fixed seed).
-SAMPLED = random_rows(AXES, DESIGN_SEED + 1, RANDOM_ROWS)
+SAMPLED = [
+    dict(row, **BEYOND_PYTORCH_DEFAULTS) for row in random_rows(AXES, DESIGN_SEED + 1, RANDOM_ROWS)
+]
 DESIGN = PAIRWISE + SAMPLED
+# Grouped heads and rotary embeddings crossed with every argument: a design of their own, so the
+# rows above stay torch.nn.MultiheadAttention's.
+GROUPED_ROTARY_PAIRWISE = pairwise_design(GROUPED_ROTARY_AXES, DESIGN_SEED + 2)
+GROUPED_ROTARY_SAMPLED = random_rows(GROUPED_ROTARY_AXES, DESIGN_SEED + 3, GROUPED_RANDOM_ROWS)
 
 
 def case_id(row: Row) -> str:
     """A readable test id listing the settings that differ from the defaults."""
     embed_dim, num_heads = row["dims"]
     parts = [f"E{embed_dim}H{num_heads}", row["dtype"], row["kind"], row["layout"]]
+    parts += [] if row["kv_heads"] == "all" else [f"kv-{row['kv_heads']}"]
+    parts += [] if row["rotary"] == "none" else [f"rope-{row['rotary']}"]
+    parts += [] if row["positions"] == "default" else ["positions"]
     parts += [] if row["kv_dims"] == "embed_dim" else [row["kv_dims"]]
     parts += [] if row["bias"] else ["nobias"]
     parts += ["bias_kv"] if row["add_bias_kv"] else []
@@ -172,11 +227,13 @@ def case_id(row: Row) -> str:
     return "-".join(parts)
 
 
-def design_params() -> List[Any]:
-    """The design's rows as pytest params."""
+def design_params(
+    pairwise: Sequence[Row] = PAIRWISE, sampled: Sequence[Row] = SAMPLED
+) -> List[Any]:
+    """A design's rows as pytest params."""
     params = []
-    for index, row in enumerate(DESIGN):
-        origin = "pairwise" if index < len(PAIRWISE) else "sampled"
+    for index, row in enumerate(list(pairwise) + list(sampled)):
+        origin = "pairwise" if index < len(pairwise) else "sampled"
         params.append(pytest.param(row, id=f"{origin}{index}-{case_id(row)}"))
     return params
 
@@ -202,8 +259,24 @@ def kv_dims(row: Row) -> Tuple[int, int]:
     }[row["kv_dims"]]
 
 
-def make_modules(row: Row, impl: str) -> Tuple[nn.MultiheadAttention, nn.Module]:
-    """PyTorch's module with random weights and the torchmha module (``impl``) loaded from it."""
+def grouped_rotary_options(row: Row) -> Dict[str, Any]:
+    """The row's num_kv_heads and rotary keywords; empty at the defaults."""
+    embed_dim, num_heads = row["dims"]
+    head_dim = embed_dim // num_heads
+    options: Dict[str, Any] = {}
+    if row["kv_heads"] != "all":
+        options["num_kv_heads"] = num_heads // 2 if row["kv_heads"] == "grouped" else 1
+    if row["rotary"] != "none":
+        options["rope_theta"] = 10000.0 if row["rotary"] == "full" else 50.0
+        if row["rotary"] == "partial":
+            options["rotary_dim"] = head_dim // 4 * 2
+        options["rotary_interleaved"] = row["rotary"] == "interleaved"
+    return options
+
+
+def make_modules(row: Row, impl: str) -> Tuple[nn.Module, nn.Module]:
+    """The reference module with random weights (PyTorch's, or GroupedRotaryAttention for grouped
+    heads or rotary embeddings) and the torchmha module (``impl``) loaded from it."""
     embed_dim, num_heads = row["dims"]
     kdim, vdim = kv_dims(row)
     dtype = DTYPES[row["dtype"]]
@@ -215,7 +288,13 @@ def make_modules(row: Row, impl: str) -> Tuple[nn.MultiheadAttention, nn.Module]
         "vdim": vdim,
         "batch_first": row["batch_first"],
     }
-    reference = nn.MultiheadAttention(embed_dim, num_heads, dtype=dtype, **options)
+    extra = grouped_rotary_options(row)
+    reference: nn.Module
+    if extra:
+        reference = GroupedRotaryAttention(embed_dim, num_heads, dtype=dtype, **options, **extra)
+    else:
+        reference = nn.MultiheadAttention(embed_dim, num_heads, dtype=dtype, **options)
+    options.update(extra)
     randomize_scaled(reference)
     if impl == "python":
         candidate: nn.Module = torchmha.MultiHeadAttention(
@@ -337,6 +416,12 @@ def make_masks(row: Row) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             reference_kwargs["attn_mask"] = causal_mask(TARGET_LEN, source_len)
         else:
             reference_kwargs["is_causal"] = True
+    if row["positions"] == "given":
+        # Left-padded batches start later: each entry at its own random offset.
+        shape = (BATCH, TARGET_LEN) if row["batched"] else (TARGET_LEN,)
+        offsets = torch.randint(0, 100, shape[:-1] + (1,))
+        positions = offsets + torch.arange(TARGET_LEN)
+        reference_kwargs["positions"] = candidate_kwargs["positions"] = positions
     for options in (reference_kwargs, candidate_kwargs):
         options["need_weights"] = row["need_weights"]
         options["average_attn_weights"] = row["average_attn_weights"]
@@ -402,19 +487,34 @@ def check_row(row: Row, impl: str) -> None:
     assert_same_results(actual, expected, row["need_weights"])
 
 
-def test_design_covers_every_pair() -> None:
-    """The design is valid and covers every allowed pair of values of every two arguments."""
-    names = list(AXES)
+@pytest.mark.parametrize(
+    "axes, pairwise, sampled",
+    [
+        pytest.param(AXES, PAIRWISE, SAMPLED, id="pytorch"),
+        pytest.param(
+            GROUPED_ROTARY_AXES,
+            GROUPED_ROTARY_PAIRWISE,
+            GROUPED_ROTARY_SAMPLED,
+            id="grouped_rotary",
+        ),
+    ],
+)
+def test_design_covers_every_pair(
+    axes: Dict[str, List[Any]], pairwise: List[Row], sampled: List[Row]
+) -> None:
+    """A design is valid and covers every allowed pair of values of every two arguments."""
+    names = list(axes)
+    every_axis = set(axes) | set(BEYOND_PYTORCH_DEFAULTS)
     covered: Set[Pair] = set()
-    for row in PAIRWISE:
-        assert row.keys() == AXES.keys() and is_valid(row), row
+    for row in pairwise:
+        assert row.keys() == every_axis and is_valid(row), row
         covered |= pairs_of(row, names)
-    missing = valid_pairs(AXES) - covered
+    missing = valid_pairs(axes) - covered
     assert not missing, sorted(missing, key=repr)[:5]
     # Every value of every argument, in particular, appears.
-    for name, values in AXES.items():
-        assert {row[name] for row in PAIRWISE} == set(values), name
-    assert all(row.keys() == AXES.keys() and is_valid(row) for row in SAMPLED)
+    for name, values in axes.items():
+        assert {row[name] for row in pairwise} == set(values), name
+    assert all(row.keys() == every_axis and is_valid(row) for row in sampled)
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
@@ -435,8 +535,31 @@ def test_design_row_matches_pytorch_on_cuda(row: Row, impl: str) -> None:
         check_row(row, impl)
 
 
+GROUPED_ROTARY_ROWS = design_params(GROUPED_ROTARY_PAIRWISE, GROUPED_ROTARY_SAMPLED)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+@pytest.mark.parametrize("row", GROUPED_ROTARY_ROWS)
+def test_grouped_rotary_row_matches_reference(row: Row, impl: str) -> None:
+    """A row of the grouped-heads and rotary design against GroupedRotaryAttention (or PyTorch's
+    module where the row has neither): outputs, weights and all gradients."""
+    check_row(row, impl)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+@pytest.mark.parametrize("row", GROUPED_ROTARY_ROWS)
+def test_grouped_rotary_row_matches_reference_on_cuda(row: Row, impl: str) -> None:
+    """The grouped-heads and rotary rows on CUDA."""
+    with torch.device("cuda"):
+        check_row(row, impl)
+
+
 # A fixed, small configuration for the targeted tests below.
 TARGETED: Row = {
+    **BEYOND_PYTORCH_DEFAULTS,
     "dims": (6, 3),
     "kv_dims": "embed_dim",
     "bias": True,

@@ -8,6 +8,7 @@ CI runs a fixed (derandomized) set of examples. A longer, random run is one comm
 ``scripts/fuzz.sh [examples]`` (it sets ``TORCHMHA_FUZZ_EXAMPLES``).
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 import pytest
 import torch
 from conftest import TOLERANCES
+from grouped_rotary_reference import GroupedRotaryAttention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -63,6 +65,21 @@ class Config:
     dropout: float
     training: bool
     seed: int
+    # Beyond torch.nn.MultiheadAttention (grouped_rotary_configs draws them).
+    num_kv_heads: Optional[int] = None
+    rope_theta: Optional[float] = None
+    rotary_dim: Optional[int] = None
+    rotary_interleaved: bool = False
+    given_positions: bool = False
+
+    @property
+    def grouped_rotary_kwargs(self) -> Dict[str, Any]:
+        return {
+            "num_kv_heads": self.num_kv_heads,
+            "rope_theta": self.rope_theta,
+            "rotary_dim": self.rotary_dim,
+            "rotary_interleaved": self.rotary_interleaved,
+        }
 
     @property
     def embed_dim(self) -> int:
@@ -117,6 +134,24 @@ def valid_configs(draw: Callable[[st.SearchStrategy[Any]], Any]) -> Config:
     )
 
 
+@st.composite
+def grouped_rotary_configs(draw: Callable[[st.SearchStrategy[Any]], Any]) -> Config:
+    """A valid config with grouped key/value heads and rotary embeddings drawn on top."""
+    config = draw(valid_configs())
+    heads, head_dim = config.num_heads, config.head_dim
+    num_kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    rotary = head_dim % 2 == 0 and draw(st.booleans())
+    rotary_dims = [None, *range(2, head_dim + 1, 2)]
+    return dataclasses.replace(
+        config,
+        num_kv_heads=draw(st.sampled_from([None, num_kv_heads])),
+        rope_theta=draw(st.sampled_from([10000.0, 10.0, 1e6])) if rotary else None,
+        rotary_dim=draw(st.sampled_from(rotary_dims)) if rotary else None,
+        rotary_interleaved=rotary and draw(st.booleans()),
+        given_positions=rotary and config.self_attention and draw(st.booleans()),
+    )
+
+
 class Inputs:
     """Tensors for a config, drawn from a generator seeded by it (never the global one)."""
 
@@ -138,6 +173,13 @@ class Inputs:
             "attn_mask": self.attn_mask(),
             "is_causal": config.attn_mask == "causal",
         }
+        if config.given_positions:
+            # Each batch entry from its own offset, as a left-padded batch has them.
+            rows = () if config.batch is None else (config.batch,)
+            offsets = torch.randint(0, 1000, (*rows, 1), generator=self.generator)
+            self.masks["positions"] = (offsets + torch.arange(config.target_len)).reshape(
+                *rows, config.target_len
+            )
 
     def randn(self, *shape: int, dtype: Optional[torch.dtype] = None) -> Tensor:
         return torch.randn(shape, generator=self.generator, dtype=dtype or self.config.dtype)
@@ -237,6 +279,48 @@ def test_random_valid_configs_match_pytorch(config: Config) -> None:
     included (both draw the same mask from the same seed)."""
     inputs = Inputs(config)
     reference, candidate = make_modules(config)
+    expected = run(reference, inputs)
+    actual = run(candidate, inputs)
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        got = actual[name]
+        assert (got is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(
+                got, want, **TOLERANCES[config.dtype], msg=lambda m, n=name: f"{n}: {m}"
+            )
+
+
+def make_grouped_rotary_modules(config: Config, impl: str) -> Tuple[nn.Module, nn.Module]:
+    """GroupedRotaryAttention with random weights, and torchmha's module (``impl``) loaded
+    from it."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    options = dict(config.module_kwargs, **config.grouped_rotary_kwargs)
+    reference = GroupedRotaryAttention(config.embed_dim, config.num_heads, **options)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    candidate: nn.Module
+    if impl == "python":
+        candidate = torchmha.MultiHeadAttention(config.embed_dim, config.num_heads, **options)
+    else:
+        dtype = options.pop("dtype")
+        candidate = torchmha.cpp.MultiHeadAttention(config.embed_dim, config.num_heads, **options)
+        candidate = candidate.to(dtype)
+    candidate.load_state_dict(reference.state_dict())
+    return reference.train(config.training), candidate.train(config.training)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+@FUZZ_SETTINGS
+@given(config=grouped_rotary_configs())
+def test_random_grouped_rotary_configs_match_reference(config: Config, impl: str) -> None:
+    """With grouped heads and rotary embeddings drawn too: outputs, weights and all gradients
+    equal GroupedRotaryAttention's (PyTorch's multi_head_attention_forward after test-side
+    projection, rotation and repetition), dropout included."""
+    inputs = Inputs(config)
+    reference, candidate = make_grouped_rotary_modules(config, impl)
     expected = run(reference, inputs)
     actual = run(candidate, inputs)
     assert actual.keys() == expected.keys()
@@ -421,3 +505,120 @@ def test_random_invalid_configs_raise_a_clear_error(config: Config, mutation: st
         assert re.search(rule.names, message), message
     else:
         raise AssertionError(f"{mutation} was accepted")
+
+
+def grouped_rotary_op_arguments(config: Config) -> Dict[str, Any]:
+    """The op's keyword arguments for a valid grouped/rotary config."""
+    inputs = Inputs(config)
+    _, module = make_grouped_rotary_modules(config, "python")
+    arguments = {
+        "query": inputs.query,
+        "key": inputs.key,
+        "value": inputs.value,
+        "num_heads": config.num_heads,
+        "in_proj_weight": module.in_proj_weight,
+        "in_proj_bias": module.in_proj_bias,
+        "out_proj_weight": module.out_proj.weight,
+        "out_proj_bias": module.out_proj.bias,
+        "q_proj_weight": module.q_proj_weight,
+        "k_proj_weight": module.k_proj_weight,
+        "v_proj_weight": module.v_proj_weight,
+        "bias_k": module.bias_k,
+        "bias_v": module.bias_v,
+        "add_zero_attn": config.add_zero_attn,
+        "batch_first": config.batch_first,
+        **config.grouped_rotary_kwargs,
+        **inputs.masks,
+    }
+    return arguments
+
+
+def positions_like(config: Config, dtype: torch.dtype = torch.int64) -> Tensor:
+    rows = () if config.batch is None else (config.batch,)
+    return torch.zeros(*rows, config.target_len, dtype=dtype)
+
+
+GROUPED_ROTARY_MUTATIONS: Dict[str, Mutation] = {
+    "kv_heads_not_dividing": Mutation(
+        ValueError, "`num_kv_heads`", set_("num_kv_heads", lambda a, c: c.num_heads + 1)
+    ),
+    "kv_heads_not_positive": Mutation(
+        ValueError, "`num_kv_heads`", set_("num_kv_heads", lambda a, c: -(c.seed % 2))
+    ),
+    "rope_theta_not_positive_or_finite": Mutation(
+        ValueError,
+        "`rope_theta`",
+        set_("rope_theta", lambda a, c: [0.0, -1.0, math.nan, math.inf][c.seed % 4]),
+    ),
+    "rotary_dim_odd_or_out_of_range": Mutation(
+        ValueError,
+        "`rotary_dim`",
+        lambda a, c: a.update(
+            rope_theta=a["rope_theta"] or 10000.0,
+            rotary_dim=[1, 0, -2, c.head_dim + 2 - c.head_dim % 2][c.seed % 4],
+        ),
+    ),
+    "rotary_option_without_rope_theta": Mutation(
+        ValueError,
+        "`(rotary_dim|rotary_interleaved)`",
+        lambda a, c: a.update(rope_theta=None, rotary_dim=None, rotary_interleaved=True),
+    ),
+}
+
+POSITIONS_MUTATIONS: Dict[str, Mutation] = {
+    "positions_floating": Mutation(
+        RuntimeError,
+        "`positions`",
+        set_("positions", lambda a, c: positions_like(c, torch.float32)),
+    ),
+    "positions_too_long": Mutation(
+        RuntimeError,
+        "`positions`",
+        set_("positions", lambda a, c: torch.zeros(c.target_len + 1, dtype=torch.int64)),
+    ),
+    "positions_on_meta": Mutation(
+        RuntimeError, "`positions`", set_("positions", lambda a, c: positions_like(c).to("meta"))
+    ),
+    "positions_negative": Mutation(
+        RuntimeError, "`positions`", set_("positions", lambda a, c: positions_like(c) - 1)
+    ),
+}
+
+
+def check_refused(arguments: Dict[str, Any], rule: Mutation, mutation: str, config: Config) -> None:
+    assert torchmha.multi_head_attention(**arguments)[0].isfinite().all()  # valid before
+    rule.apply(arguments, config)
+    try:
+        torchmha.multi_head_attention(**arguments)
+    except (RuntimeError, ValueError) as error:
+        message = str(error)
+        assert type(error) is rule.error, message
+        assert message.startswith("torchmha.multi_head_attention: "), message
+        assert re.search(rule.names, message), message
+    else:
+        raise AssertionError(f"{mutation} was accepted")
+
+
+@FUZZ_SETTINGS
+@given(config=grouped_rotary_configs(), mutation=st.sampled_from(sorted(GROUPED_ROTARY_MUTATIONS)))
+def test_random_invalid_grouped_rotary_options_raise_a_clear_error(
+    config: Config, mutation: str
+) -> None:
+    """An invalid num_kv_heads, rope_theta or rotary_dim in an otherwise valid call: a
+    ValueError naming it."""
+    check_refused(
+        grouped_rotary_op_arguments(config), GROUPED_ROTARY_MUTATIONS[mutation], mutation, config
+    )
+
+
+@FUZZ_SETTINGS
+@given(
+    config=grouped_rotary_configs().filter(lambda c: c.rope_theta is not None and c.self_attention),
+    mutation=st.sampled_from(sorted(POSITIONS_MUTATIONS)),
+)
+def test_random_invalid_positions_raise_a_clear_error(config: Config, mutation: str) -> None:
+    """Positions of the wrong shape, dtype or device, or negative: a RuntimeError naming
+    `positions`."""
+    check_refused(
+        grouped_rotary_op_arguments(config), POSITIONS_MUTATIONS[mutation], mutation, config
+    )

@@ -4,6 +4,7 @@
 #include <torchmha/export.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace torchmha {
 
@@ -13,6 +14,9 @@ namespace torchmha {
 /// ```
 /// torchmha::MultiHeadAttention mha(
 ///     torchmha::MultiHeadAttentionOptions(512, 8).dropout(0.1).batch_first(true));
+/// // Grouped-query attention with rotary embeddings, as in Llama-family decoders:
+/// torchmha::MultiHeadAttention decoder(
+///     torchmha::MultiHeadAttentionOptions(512, 8).num_kv_heads(2).rope_theta(10000.0));
 /// ```
 struct TORCHMHA_API MultiHeadAttentionOptions {
   MultiHeadAttentionOptions(int64_t embed_dim, int64_t num_heads);
@@ -35,6 +39,20 @@ struct TORCHMHA_API MultiHeadAttentionOptions {
   TORCH_ARG(int64_t, vdim);
   /// Whether inputs and outputs are `(batch, seq, feature)` instead of `(seq, batch, feature)`.
   TORCH_ARG(bool, batch_first) = false;
+  /// Number of key/value heads (grouped-query attention); `std::nullopt` means `num_heads`, 1 is
+  /// multi-query attention. Must divide `num_heads`; query head `h` uses key/value head
+  /// `h / (num_heads / num_kv_heads)`. The key and value projections produce
+  /// `kv_dim = num_kv_heads * head_dim` features.
+  TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
+  /// Base of the rotary position embedding applied to queries and keys after their projections
+  /// (and biases); `std::nullopt` means no rotary embedding. Must be positive and finite.
+  TORCH_ARG(std::optional<double>, rope_theta) = std::nullopt;
+  /// How many leading features of each head rotate (partial rotary, as GPT-NeoX); `std::nullopt`
+  /// means all of `head_dim`. Even, at most `head_dim`; needs `rope_theta`.
+  TORCH_ARG(std::optional<int64_t>, rotary_dim) = std::nullopt;
+  /// Rotary pairing: false pairs feature `i` with `i + rotary_dim / 2` ("rotate half": Llama,
+  /// GPT-NeoX); true pairs `2i` with `2i + 1` (GPT-J). True needs `rope_theta`.
+  TORCH_ARG(bool, rotary_interleaved) = false;
 };
 
 /// Options for `torchmha::TextbookMultiHeadAttention`: the chapter's `(h, d_model, dropout)`.

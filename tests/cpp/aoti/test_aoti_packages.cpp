@@ -67,8 +67,11 @@ TEST_P(SelfAttentionPackage, GivesPythonsOutputAtEveryLengthOfTheExportedRange) 
 // file, and Python agree.
 TEST_P(SelfAttentionPackage, GivesTheOutputOfTheCppModuleThatSavedItsWeights) {
   const int64_t length = GetParam();
+  // The package's module: grouped-query attention with rotary embeddings (NUM_KV_HEADS,
+  // ROPE_THETA).
   torchmha::MultiHeadAttention attention(
-      torchmha::MultiHeadAttentionOptions(16, 4).batch_first(true));
+      torchmha::MultiHeadAttentionOptions(16, 4).batch_first(true).num_kv_heads(2).rope_theta(
+          10000.0));
   torchmha::load_state_dict(*attention, (fixtures() / "cpp_saved_weights.pt").string());
   attention->eval();
   const auto x = expected_tensor("x", length);

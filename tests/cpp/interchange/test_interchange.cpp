@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 
 #include "../fixture_files.h"
 
@@ -43,16 +44,21 @@ TEST_P(TorchScriptModel, RunsInCppWithPythonsOutput) {
   }
   auto model = torch::jit::load((fixtures() / (GetParam() + ".pt")).string());
   model.eval();
-  const bool textbook = GetParam().rfind("textbook", 0) == 0;
-  const auto second_input = expected_tensor(textbook ? "mask" : "key_padding_mask");
+  // Each model's second input and its expected output, by the file's prefix.
+  const auto model_name = GetParam().substr(0, GetParam().find('_'));
+  const std::map<std::string, std::string> second_inputs{
+      {"block", "key_padding_mask"}, {"textbook", "mask"}, {"decoder", "positions"}};
   torch::NoGradGuard no_grad;
-  const auto output = model.forward({expected_tensor("x"), second_input}).toTensor();
-  expect_close(output, expected_tensor(textbook ? "textbook" : "block"));
+  const auto output =
+      model.forward({expected_tensor("x"), expected_tensor(second_inputs.at(model_name))})
+          .toTensor();
+  expect_close(output, expected_tensor(model_name));
 }
 
 INSTANTIATE_TEST_SUITE_P(ScriptedAndTraced, TorchScriptModel,
                          ::testing::Values("block_scripted", "block_traced", "textbook_scripted",
-                                           "textbook_traced"));
+                                           "textbook_traced", "decoder_scripted",
+                                           "decoder_traced"));
 
 TEST(StateDict, PyTorchModuleWeightsLoadIntoTheCppModule) {
   torchmha::MultiHeadAttention attention(

@@ -7,10 +7,15 @@ torch::nn::MultiheadAttention. Modes: inference (eval, inference_mode) and train
 (forward + backward). Candidates take turns round by round, so drifting load hits all alike; each
 figure is the median over rounds of the mean of back-to-back calls (CUDA events on a GPU).
 
+The grouped-query suite (--suite gqa) times torchmha with num_kv_heads and rope_theta (causal
+self-attention, need_weights=False) against the same block written in Python on SDPA with
+enable_gqa and against transformers' LlamaAttention (eager and SDPA), on the same weights.
+
 Usage:
   scripts/bench/bench.py                 # CPU, float32, the CPU shapes
   scripts/bench/bench.py --device cuda   # GPU, bfloat16 and float32, the GPU shapes
   scripts/bench/bench.py --quick         # a tiny smoke run
+  scripts/bench/bench.py --suite gqa     # grouped-query attention with rotary embeddings
 Writes <out>/<name>.json, .md and .png (the plot needs matplotlib).
 """
 
@@ -36,6 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 512, 512, 8), (2, 2048, 1024, 16)]
 GPU_SHAPES = [(1, 16, 256, 4), (32, 128, 512, 8), (8, 1024, 1024, 16), (4, 4096, 2048, 16)]
 QUICK_SHAPES = [(2, 8, 32, 4)]
+# Grouped-query shapes: (batch, seq, embed, heads, kv_heads).
+GQA_CPU_SHAPES = [(8, 512, 1024, 16, 4), (1, 2048, 2048, 32, 8)]
+GQA_GPU_SHAPES = GQA_CPU_SHAPES + [(4, 4096, 2048, 16, 4), (2, 8192, 4096, 32, 8)]
+GQA_QUICK_SHAPES = [(2, 8, 32, 4, 2)]
 CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
 # glibc: serve every allocation above 64 KiB by its own mapping, returned on free.
 MEMORY_PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -45,9 +54,23 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
+        "--suite",
+        default="mha",
+        choices=["mha", "gqa"],
+        help="mha: torchmha against nn.MultiheadAttention and the other MHA peers; gqa: "
+        "grouped-query attention with rotary embeddings against its Python and Llama peers",
+    )
+    parser.add_argument(
+        "--rope-theta", type=float, default=10000.0, help="rotary base of the gqa suite"
+    )
+    parser.add_argument(
         "--dtypes", help="comma-separated (default: float32 on CPU, bfloat16,float32 on CUDA)"
     )
-    parser.add_argument("--shapes", nargs="*", help="B,L,E,H each (default: the device's four)")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        help="B,L,E,H each, B,L,E,H,KV in the gqa suite (default: the device's)",
+    )
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--candidates", help="comma-separated subset (default: all)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -72,10 +95,11 @@ def parse_args() -> argparse.Namespace:
         metavar="JSON",
         help="only rewrite a results file's report from its timings",
     )
-    parser.add_argument("--memory-probe", metavar="DTYPE,B,L,E,H,MODE", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", metavar="DTYPE,B,L,E,H[,KV],MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.shapes = args.shapes or [",".join(map(str, s)) for s in QUICK_SHAPES]
+        quick = GQA_QUICK_SHAPES if args.suite == "gqa" else QUICK_SHAPES
+        args.shapes = args.shapes or [",".join(map(str, s)) for s in quick]
         args.rounds, args.target_ms = 2, 5.0
     return args
 
@@ -89,6 +113,12 @@ def machine_description(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
     }
+    try:
+        import transformers
+
+        description["transformers"] = transformers.__version__
+    except ImportError:
+        pass
     try:
         # A copy of the tree (a GPU machine's) may carry a stale .git: the caller then says which.
         description["commit"] = (
@@ -120,16 +150,28 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def probe_cpu_memory(dtype_name, shape, mode, wanted):
+def probe_cpu_memory(dtype_name, shape, mode, wanted, suite="mha", rope_theta=10000.0):
     """Peak memory of one call of each Python candidate, from a fresh process in which every
     allocation above 64 KiB is its own mapping, so the resident set follows what is allocated."""
     probe = ",".join([dtype_name, *map(str, shape), mode])
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe", probe]
     command += ["--candidates", ",".join(wanted), "--threads", str(torch.get_num_threads())]
+    command += ["--suite", suite, "--rope-theta", str(rope_theta)]
     result = subprocess.run(command, capture_output=True, text=True, env=MEMORY_PROBE_ENV)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.splitlines()[-1])
+
+
+def probe_gqa_cpu_memory(dtype_name, shape, mode, wanted, rope_theta, apart):
+    """``probe_cpu_memory`` for the grouped-query suite: with ``apart``, a fresh process per
+    candidate, so none meets the heap another left; else one process for all (quick runs)."""
+    if not apart:
+        return probe_cpu_memory(dtype_name, shape, mode, sorted(wanted), "gqa", rope_theta)
+    peaks = {}
+    for name in sorted(wanted):
+        peaks.update(probe_cpu_memory(dtype_name, shape, mode, [name], "gqa", rope_theta))
+    return peaks
 
 
 def run_cpp(binary, case_files, heads, device, dtype, mode, threads, rounds, calls, env=None):
@@ -146,6 +188,49 @@ def run_cpp(binary, case_files, heads, device, dtype, mode, threads, rounds, cal
     return measured
 
 
+def run_rounds(args, device, steps, calls, samples, grad_context, after_round=None):
+    """``args.rounds`` rounds in which every step takes its turn: appends one mean time per round
+    to ``samples[name]``; ``after_round`` runs at the end of each round."""
+    order = list(steps)
+    for round_index in range(args.rounds):
+        # A different candidate goes first each round.
+        first = round_index % max(len(order), 1)
+        with grad_context():
+            for name in order[first:] + order[:first]:
+                # One untimed call first: the timed ones then find the memory this candidate
+                # frees, not what the one before it left (fresh pages cost 30-60 % at some CPU
+                # shapes, scripts/bench/NOTES.md).
+                steps[name]()
+                samples[name].append(timing.milliseconds_per_call(steps[name], device, calls[name]))
+        if after_round is not None:
+            after_round()
+
+
+def prepare_steps(candidates, training, device, target_ms, label):
+    """Step functions, each warmed up, and how many calls fill ``target_ms``; a candidate that
+    fails (out of memory, say) is reported and left out. Returns (steps, calls, peaks): peaks
+    holds the allocator's peak per call on a GPU."""
+    for candidate in candidates.values():
+        for module in candidate.modules:
+            module.train(training)
+    steps = {name: peers.step_function(c, training) for name, c in candidates.items()}
+    peaks, calls = {}, {}
+    grad_context = torch.enable_grad if training else torch.inference_mode
+    with grad_context():
+        for name, step in list(steps.items()):
+            try:
+                step()  # warm-up
+                if device.type == "cuda":
+                    peaks[name] = timing.peak_memory_bytes(step, device)
+                calls[name] = timing.calls_for(step, device, target_ms)
+            except RuntimeError as error:  # out of memory, say: report it, go on without it
+                print(f"bench: {name} left out of {label}: {error}"[:500])
+                del steps[name]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return steps, calls, peaks
+
+
 def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     """Every candidate on one (dtype, shape, mode): a list of result rows."""
     batch, seq, embed, heads = shape
@@ -160,26 +245,10 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
         for name, c in peers.python_candidates(embed, heads, state, x).items()
         if name in wanted
     }
-    for candidate in candidates.values():
-        for module in candidate.modules:
-            module.train(training)
-    steps = {name: peers.step_function(c, training) for name, c in candidates.items()}
+    label = f"{dtype_name} {shape} {mode}"
+    steps, calls, peaks = prepare_steps(candidates, training, device, args.target_ms, label)
     samples = {name: [] for name in steps}
-    peaks = {}
-    calls = {}
     grad_context = torch.enable_grad if training else torch.inference_mode
-    with grad_context():
-        for name, step in list(steps.items()):
-            try:
-                step()  # warm-up
-                if device.type == "cuda":
-                    peaks[name] = timing.peak_memory_bytes(step, device)
-                calls[name] = timing.calls_for(step, device, args.target_ms)
-            except RuntimeError as error:  # out of memory, say: report it, go on without it
-                print(f"bench: {name} left out of {dtype_name} {shape} {mode}: {error}"[:500])
-                del steps[name], samples[name]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
     if args.memory_probe:
         with grad_context():
             return {name: timing.peak_memory_bytes(step, device) for name, step in steps.items()}
@@ -205,23 +274,13 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
             print(f"bench: the C++ candidates are left out of {shape} {mode}: {error}"[:1500])
             use_cpp = False
 
-    order = list(steps)
-    for round_index in range(args.rounds):
-        # A different candidate goes first each round.
-        rotated = (
-            order[round_index % max(len(order), 1) :] + order[: round_index % max(len(order), 1)]
-        )
-        with grad_context():
-            for name in rotated:
-                # One untimed call first: the timed ones then find the memory this candidate
-                # frees, not what the one before it left (fresh pages cost 30-60 % at some CPU
-                # shapes, scripts/bench/NOTES.md).
-                steps[name]()
-                samples[name].append(timing.milliseconds_per_call(steps[name], device, calls[name]))
-        if use_cpp and device.type == "cpu":
-            # On the CPU a fresh process every round, so it shares the round's machine load.
-            for name, (ms, _) in run_cpp(*cpp_args, 1, cpp_calls).items():
-                samples[name].extend(ms)
+    def cpp_round():
+        # On the CPU a fresh process every round, so it shares the round's machine load.
+        for name, (ms, _) in run_cpp(*cpp_args, 1, cpp_calls).items():
+            samples[name].extend(ms)
+
+    cpu_cpp = use_cpp and device.type == "cpu"
+    run_rounds(args, device, steps, calls, samples, grad_context, cpp_round if cpu_cpp else None)
     if use_cpp and device.type == "cuda":
         try:
             for name, (ms, _) in run_cpp(*cpp_args, args.rounds, cpp_calls).items():
@@ -255,6 +314,67 @@ def bench_case(args, device, dtype_name, shape, mode, wanted, workdir):
     return rows
 
 
+def bench_gqa_case(args, device, dtype_name, shape, mode, wanted):
+    """torchmha and its grouped-query peers on one (dtype, shape, mode): a list of result rows.
+    Each row also records how far the candidate's output lies from torchmha's (same weights)."""
+    batch, seq, embed, heads, kv_heads = shape
+    training = mode == "training"
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq, embed).to(device, getattr(torch, dtype_name))
+    x.requires_grad_(training)
+    candidates = {
+        name: c
+        for name, c in peers.gqa_candidates(embed, heads, kv_heads, args.rope_theta, x).items()
+        if name in wanted
+    }
+    label = f"{dtype_name} {shape} {mode}"
+    steps, calls, peaks = prepare_steps(candidates, training, device, args.target_ms, label)
+    grad_context = torch.enable_grad if training else torch.inference_mode
+    if args.memory_probe:
+        with grad_context():
+            return {name: timing.peak_memory_bytes(step, device) for name, step in steps.items()}
+    if device.type == "cpu":
+        apart = not args.quick  # a process per candidate costs seconds of imports each
+        peaks.update(probe_gqa_cpu_memory(dtype_name, shape, mode, steps, args.rope_theta, apart))
+    differences = output_differences(candidates, steps)
+
+    samples = {name: [] for name in steps}
+    run_rounds(args, device, steps, calls, samples, grad_context)
+    return [
+        {
+            "dtype": dtype_name,
+            "batch": batch,
+            "seq": seq,
+            "embed": embed,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "shape": shape,
+            "case": (dtype_name, shape, mode),
+            "mode": mode,
+            "candidate": name,
+            "description": peers.GQA_DESCRIPTIONS[name],
+            "median_ms": timing.median(values),
+            "samples_ms": values,
+            "timed_in_rounds": True,
+            "peak_bytes": peaks.get(name),
+            "max_abs_diff_vs_torchmha": differences.get(name),
+        }
+        for name, values in samples.items()
+    ]
+
+
+def output_differences(candidates, steps):
+    """Largest absolute difference of each candidate's output from torchmha's, one forward each:
+    the peers compute the same function on the same weights, or the comparison means nothing."""
+    if "torchmha" not in steps:
+        return {}
+    with torch.no_grad():
+        ours = candidates["torchmha"].forward().float()
+        return {
+            name: (candidates[name].forward().float() - ours).abs().max().item() for name in steps
+        }
+
+
 def main() -> int:
     args = parse_args()
     if args.plot_from:
@@ -267,10 +387,12 @@ def main() -> int:
         dtype_name, *sizes, mode = args.memory_probe.split(",")
         wanted = set(args.candidates.split(",")) - set(CPP_CANDIDATES)
         args.target_ms = 1.0
+        shape = tuple(map(int, sizes))
+        if args.suite == "gqa":
+            print(json.dumps(bench_gqa_case(args, device, dtype_name, shape, mode, wanted)))
+            return 0
         with tempfile.TemporaryDirectory() as workdir:
-            peaks = bench_case(
-                args, device, dtype_name, tuple(map(int, sizes)), mode, wanted, workdir
-            )
+            peaks = bench_case(args, device, dtype_name, shape, mode, wanted, workdir)
         print(json.dumps(peaks))
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -279,15 +401,24 @@ def main() -> int:
     dtypes = (args.dtypes or ("bfloat16,float32" if device.type == "cuda" else "float32")).split(
         ","
     )
+    gqa = args.suite == "gqa"
+    default_shapes = {
+        ("mha", "cpu"): CPU_SHAPES,
+        ("mha", "cuda"): GPU_SHAPES,
+        ("gqa", "cpu"): GQA_CPU_SHAPES,
+        ("gqa", "cuda"): GQA_GPU_SHAPES,
+    }[args.suite, device.type]
     shapes = (
         [tuple(int(v) for v in s.split(",")) for s in args.shapes]
         if args.shapes
-        else GPU_SHAPES
-        if device.type == "cuda"
-        else CPU_SHAPES
+        else default_shapes
     )
-    wanted = set(args.candidates.split(",") if args.candidates else peers.DESCRIPTIONS)
-    if not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
+    if any(len(shape) != (5 if gqa else 4) for shape in shapes):
+        print(f"bench: --shapes takes {'B,L,E,H,KV' if gqa else 'B,L,E,H'} each", file=sys.stderr)
+        return 2
+    every = peers.GQA_DESCRIPTIONS if gqa else peers.DESCRIPTIONS
+    wanted = set(args.candidates.split(",") if args.candidates else every)
+    if not gqa and not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
         print(
             f"bench: {args.cpp_bench} not built; the C++ candidates are left out "
             "(scripts/build.sh builds it)"
@@ -305,18 +436,25 @@ def main() -> int:
         for dtype_name in dtypes:
             for shape in shapes:
                 for mode in args.modes.split(","):
-                    case_rows = bench_case(args, device, dtype_name, shape, mode, wanted, workdir)
-                    report.add_ratios(case_rows, _weights_candidates(), peaks[dtype_name])
-                    print(report.markdown_table(case_rows).split("\n", 2)[2], flush=True)
+                    if gqa:
+                        case_rows = bench_gqa_case(args, device, dtype_name, shape, mode, wanted)
+                    else:
+                        case_rows = bench_case(
+                            args, device, dtype_name, shape, mode, wanted, workdir
+                        )
+                    _add_ratios(args.suite, case_rows, peaks[dtype_name])
+                    print(_table(args.suite, case_rows).split("\n", 2)[2], flush=True)
                     rows.extend(case_rows)
     # The peak again at the end; the better of the two is the machine's.
     for dtype_name in dtypes:
         peaks[dtype_name] = max(
             peaks[dtype_name], timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
         )
-    _add_ratios_per_dtype(rows, peaks)
+    _add_ratios_per_dtype(args.suite, rows, peaks)
 
-    name = args.name or ("quick" if args.quick else _default_name(device, machine))
+    name = args.name or (
+        ("quick" if args.quick else _default_name(device, machine)) + ("-gqa" if gqa else "")
+    )
     write_results(args.out, name, machine, peaks, args, rows)
     return 0
 
@@ -324,9 +462,12 @@ def main() -> int:
 def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: list) -> None:
     """<name>.md (table and goals), <name>.json and <name>.png under ``out``."""
     os.makedirs(out, exist_ok=True)
-    goal_lines = report.goals(rows, args.device)
+    suite = getattr(args, "suite", "mha")
+    goal_lines = report.goals(rows, args.device, suite=suite)
     header = _header(machine, peaks, args)
-    table = report.markdown_table(rows)
+    table = _table(suite, rows)
+    if suite == "gqa":
+        table = report.gqa_summary_table(rows) + "\n\nEvery candidate:\n\n" + table
     with open(os.path.join(out, name + ".md"), "w") as markdown:
         markdown.write(
             f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"
@@ -344,7 +485,9 @@ def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: l
             output,
             indent=1,
         )
-    plotted = report.plot(rows, os.path.join(out, name + ".png"), header.replace("\n", " "))
+    plotted = report.plot(
+        rows, os.path.join(out, name + ".png"), header.split("\n")[0], _ratio_key(suite)
+    )
     print("\n" + header + "\n\n" + table + "\n\nGoals, as measured:\n" + "\n".join(goal_lines))
     print(
         f"bench: wrote {os.path.join(out, name)}.json, .md"
@@ -357,7 +500,8 @@ def rereport(results_path: str) -> int:
     as the current report computes them, nothing measured again."""
     with open(results_path) as results:
         saved = json.load(results)
-    settings = argparse.Namespace(**saved["settings"])
+    # Files written before the grouped-query suite existed are of the mha suite.
+    settings = argparse.Namespace(**{"suite": "mha", **saved["settings"]})
     rows = []
     for row in saved["rows"]:
         row = {**row, "shape": tuple(row["shape"])}
@@ -368,7 +512,7 @@ def rereport(results_path: str) -> int:
             not (settings.device == "cuda" and row["candidate"] in CPP_CANDIDATES),
         )
         rows.append(row)
-    _add_ratios_per_dtype(rows, saved["gemm_peak_tflops"])
+    _add_ratios_per_dtype(settings.suite, rows, saved["gemm_peak_tflops"])
     out, file_name = os.path.split(os.path.splitext(results_path)[0])
     write_results(out, file_name, saved["machine"], saved["gemm_peak_tflops"], settings, rows)
     return 0
@@ -382,18 +526,32 @@ def replot(results_path: str) -> int:
     machine = saved["machine"]
     title = f"{machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {machine['commit']}"
     path = os.path.splitext(results_path)[0] + ".png"
-    if not report.plot(rows, path, title):
+    ratio_key = _ratio_key(saved["settings"].get("suite", "mha"))
+    if not report.plot(rows, path, title, ratio_key):
         print("bench: matplotlib is not installed (scripts/bench.sh installs it)", file=sys.stderr)
         return 1
     print(f"bench: wrote {path}")
     return 0
 
 
-def _add_ratios_per_dtype(rows: list, peaks: dict) -> None:
+def _add_ratios_per_dtype(suite: str, rows: list, peaks: dict) -> None:
     for dtype_name, peak in peaks.items():
-        report.add_ratios(
-            [r for r in rows if r["dtype"] == dtype_name], _weights_candidates(), peak
-        )
+        _add_ratios(suite, [r for r in rows if r["dtype"] == dtype_name], peak)
+
+
+def _add_ratios(suite: str, rows: list, gemm_peak_tflops: float) -> None:
+    if suite == "gqa":
+        report.add_gqa_ratios(rows, peers.GQA_PEERS, gemm_peak_tflops)
+    else:
+        report.add_ratios(rows, _weights_candidates(), gemm_peak_tflops)
+
+
+def _table(suite: str, rows: list) -> str:
+    return report.gqa_markdown_table(rows) if suite == "gqa" else report.markdown_table(rows)
+
+
+def _ratio_key(suite: str) -> str:
+    return "x_fastest_peer" if suite == "gqa" else "x_torch"
 
 
 def _weights_candidates() -> set:
@@ -407,6 +565,8 @@ def _default_name(device: torch.device, machine: dict) -> str:
 
 
 def _header(machine: dict, peaks: dict, args) -> str:
+    if getattr(args, "suite", "mha") == "gqa":
+        return _gqa_header(machine, peaks, args)
     where = machine.get("gpu") or machine["cpu"]
     return (
         f"Machine: {where}; {machine['threads']} CPU threads; torch {machine['torch']}; "
@@ -423,6 +583,47 @@ def _header(machine: dict, peaks: dict, args) -> str:
         "'bound' the ratio at 100 % of the measured GEMM peak (the reference's time over the "
         "time the case's FLOPs take at that peak): above it, a goal needs the same arithmetic "
         "done faster than the measured GEMM rate."
+    )
+
+
+def _machine_line(machine: dict, peaks: dict, args) -> str:
+    where = machine.get("gpu") or machine["cpu"]
+    versions = f"torch {machine['torch']}"
+    if machine.get("transformers"):
+        versions += f", transformers {machine['transformers']}"
+    return (
+        f"Machine: {where}; {machine['threads']} CPU threads; {versions}; "
+        f"torchmha {machine['torchmha']} at {machine['commit']}; {machine['date']}.\n"
+        "Measured GEMM peak: "
+        + ", ".join(
+            f"{d} {p * 1e3:.0f} GFLOP/s" if args.device == "cpu" else f"{d} {p:.0f} TFLOP/s"
+            for d, p in peaks.items()
+        )
+        + "."
+    )
+
+
+def _gqa_header(machine: dict, peaks: dict, args) -> str:
+    memory = (
+        "the allocator's peak above what was allocated before the call"
+        if args.device == "cuda"
+        else "the peak resident set above the resident size before the call, in a fresh process "
+        "per case and candidate in which glibc serves every allocation above 64 KiB by its own "
+        "mapping (MALLOC_MMAP_THRESHOLD_=65536), so the resident set follows what is allocated "
+        "(peak reset through /proc/self/clear_refs)"
+    )
+    return (
+        _machine_line(machine, peaks, args)
+        + f" Median of {args.rounds} rounds. Grouped-query causal self-attention, rotary "
+        f"embeddings (theta {args.rope_theta:g}, rotate-half), no biases, batch-first, on the "
+        "same weights; torchmha with need_weights=False (the fused path). x fastest peer = "
+        "the fastest peer's median time (among sdpa_gqa, llama_eager, llama_sdpa) divided by the "
+        "candidate's; 'rounds' in the goals gives the same ratio taken round by round against "
+        "that peer. Peak MiB: one call (a training step: forward and backward), "
+        + memory
+        + ". Max diff: the largest absolute difference of the candidate's output from "
+        "torchmha's. % GEMM peak counts the four projections and half of the two attention "
+        "products (causal)."
     )
 
 

@@ -84,3 +84,155 @@ def step_function(candidate, training: bool):
         candidate.forward().float().sum().backward()
 
     return step
+
+
+# Grouped-query attention with rotary embeddings (causal self-attention, no biases, as in Llama).
+GQA_DESCRIPTIONS = {
+    "torchmha": "torchmha.MultiHeadAttention(num_kv_heads, rope_theta), need_weights=False",
+    "sdpa_gqa": "Python: nn.Linear q/k/v/o, rotate-half rotary, F.scaled_dot_product_attention("
+    "enable_gqa=True)",
+    "llama_eager": "transformers' LlamaAttention, attn_implementation='eager' (repeat_kv, softmax)",
+    "llama_sdpa": "transformers' LlamaAttention, attn_implementation='sdpa'",
+}
+GQA_PEERS = ("sdpa_gqa", "llama_eager", "llama_sdpa")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_tables(seq: int, head_dim: int, theta: float, like: torch.Tensor):
+    """cos and sin of (seq, head_dim) for positions 0..seq-1, rotate-half layout, float32 math."""
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, device=like.device, dtype=torch.float32) / head_dim
+    )
+    angles = torch.arange(seq, device=like.device, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+
+
+class SdpaGroupedQueryAttention(nn.Module):
+    """The attention block written in Python on SDPA: what a user would write without torchmha.
+    Batch-first self-attention; the rotary tables are computed on every call, as torchmha does."""
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, rope_theta: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.rope_theta = rope_theta
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, embed = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary_tables(seq, self.head_dim, self.rope_theta, x)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, embed))
+
+
+def _llama_config(embed_dim, num_heads, num_kv_heads, rope_theta, seq, implementation):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=embed_dim,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=4 * embed_dim,
+        num_hidden_layers=1,
+        vocab_size=16,
+        max_position_embeddings=max(seq, 1),
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+        attention_bias=False,
+        attention_dropout=0.0,
+    )
+    config._attn_implementation = implementation
+    return config
+
+
+def _llama_candidate(
+    name, implementation, embed_dim, num_heads, num_kv_heads, rope_theta, x, state
+):
+    """LlamaAttention with ``state`` (q/k/v/o_proj weights), its rotary embedding computed per call
+    (a model computes it once per forward for all layers; here it is the block's share), and the
+    causal mask a Llama model hands each implementation: None for SDPA (is_causal), an additive
+    (1, 1, L, L) float mask for eager, built once outside the timed call as the model does."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    seq = x.shape[1]
+    config = _llama_config(embed_dim, num_heads, num_kv_heads, rope_theta, seq, implementation)
+    attention = LlamaAttention(config, layer_idx=0).to(x.device, x.dtype)
+    attention.load_state_dict(state)
+    rotary = LlamaRotaryEmbedding(config).to(x.device)
+    position_ids = torch.arange(seq, device=x.device)[None]
+    mask = None
+    if implementation == "eager":
+        blocked = torch.full((seq, seq), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype)
+        mask = blocked.triu(1)[None, None]
+
+    def forward():
+        position_embeddings = rotary(x, position_ids)
+        return attention(x, position_embeddings=position_embeddings, attention_mask=mask)[0]
+
+    return Candidate(name, GQA_DESCRIPTIONS[name], False, forward, (attention, rotary))
+
+
+def _load_separate_projections(module, state):
+    """q/k/v/o_proj weights into a torchmha module: torchmha's own conversion where it exists,
+    else the same packing by hand (rows [q | k | v] of in_proj_weight)."""
+    if hasattr(torchmha, "load_separate_projections"):
+        torchmha.load_separate_projections(module, state)
+        return
+    packed = torch.cat([state["q_proj.weight"], state["k_proj.weight"], state["v_proj.weight"]])
+    module.load_state_dict({"in_proj_weight": packed, "out_proj.weight": state["o_proj.weight"]})
+
+
+def gqa_candidates(
+    embed_dim: int, num_heads: int, num_kv_heads: int, rope_theta: float, x: torch.Tensor
+) -> Dict[str, Candidate]:
+    """torchmha and its grouped-query peers on the same random weights (a fresh
+    SdpaGroupedQueryAttention's, in q/k/v/o_proj layout) and on ``x`` (batch, seq, embed), causal
+    self-attention with rotary embeddings. The Llama peers are left out when transformers is not
+    installed."""
+    factory = {"device": x.device, "dtype": x.dtype}
+    python_sdpa = SdpaGroupedQueryAttention(embed_dim, num_heads, num_kv_heads, rope_theta)
+    python_sdpa.to(**factory)
+    state = python_sdpa.state_dict()
+    ours = torchmha.MultiHeadAttention(
+        embed_dim,
+        num_heads,
+        bias=False,
+        batch_first=True,
+        num_kv_heads=num_kv_heads,
+        rope_theta=rope_theta,
+        **factory,
+    )
+    _load_separate_projections(ours, state)
+
+    def make(name, forward, module):
+        return Candidate(name, GQA_DESCRIPTIONS[name], False, forward, (module,))
+
+    candidates = [
+        make("torchmha", lambda: ours(x, x, x, need_weights=False, is_causal=True)[0], ours),
+        make("sdpa_gqa", lambda: python_sdpa(x), python_sdpa),
+    ]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("bench: transformers is not installed; the LlamaAttention peers are left out")
+    else:
+        for name, implementation in (("llama_eager", "eager"), ("llama_sdpa", "sdpa")):
+            candidates.append(
+                _llama_candidate(
+                    name, implementation, embed_dim, num_heads, num_kv_heads, rope_theta, x, state
+                )
+            )
+    return {c.name: c for c in candidates}

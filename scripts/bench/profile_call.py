@@ -5,7 +5,11 @@
 
 Same weights and input as scripts/bench/bench.py. On a GPU the table lists kernels (CUDA time); on
 the CPU, ATen ops. Counts of kernels and of ATen calls come first: at small shapes a GPU call is
-bound by launches, so those counts are the cost.
+bound by launches, so those counts are the cost. ``--suite gqa`` profiles the grouped-query
+candidates (``--shape B,L,E,H,KV``, causal, rotary), e.g.
+
+    python scripts/bench/profile_call.py --suite gqa --shape 1,2048,2048,32,8 --mode training \
+        --candidates torchmha,sdpa_gqa,llama_sdpa
 """
 
 import argparse
@@ -20,7 +24,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--shape", default="32,128,512,8", help="B,L,E,H")
+    parser.add_argument("--suite", default="mha", choices=["mha", "gqa"])
+    parser.add_argument("--shape", default="32,128,512,8", help="B,L,E,H (gqa: B,L,E,H,KV)")
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="rotary base (gqa)")
     parser.add_argument("--mode", default="inference", choices=["inference", "training"])
     parser.add_argument("--candidates", default="torchmha_weights,torch_mha_weights")
     parser.add_argument("--rows", type=int, default=12, help="table rows per candidate")
@@ -31,11 +37,14 @@ def main() -> int:
     args = parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    batch, seq, embed, heads = map(int, args.shape.split(","))
+    batch, seq, embed, heads, *kv_heads = map(int, args.shape.split(","))
     torch.manual_seed(0)
-    state = torch.nn.MultiheadAttention(embed, heads, batch_first=True).state_dict()
     x = torch.randn(batch, seq, embed, device=device, dtype=dtype)
-    candidates = peers.python_candidates(embed, heads, state, x)
+    if args.suite == "gqa":
+        candidates = peers.gqa_candidates(embed, heads, *kv_heads, args.rope_theta, x)
+    else:
+        state = torch.nn.MultiheadAttention(embed, heads, batch_first=True).state_dict()
+        candidates = peers.python_candidates(embed, heads, state, x)
     training = args.mode == "training"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

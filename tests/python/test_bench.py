@@ -119,3 +119,113 @@ def test_goal_bound_is_the_reference_time_over_the_time_at_gemm_peak():
     at_peak_ms = report.forward_flops(8, 512, 512) / (peak_tflops * 1e9)
     line = next(g for g in report.goals(rows, "cpu") if g.startswith("- Inference vs"))
     assert f"1.38x (rounds 1.38-1.38; bound {180.0 / at_peak_ms:.2f}x)" in line, line
+
+
+GQA_CANDIDATES = {"torchmha", "sdpa_gqa", "llama_eager", "llama_sdpa"}
+GQA_PEERS = GQA_CANDIDATES - {"torchmha"}
+
+
+def _load_report_module():
+    # Loaded from its file, so no benchmark module lands on sys.path for later tests.
+    path = os.path.join(ROOT, "scripts", "bench", "report.py")
+    spec = importlib.util.spec_from_file_location("bench_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+@pytest.fixture(scope="module")
+def gqa_quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_gqa")
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
+    command += ["--suite", "gqa", "--quick", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "quick-gqa.json") as report:
+        return json.load(report), (out / "quick-gqa.md").read_text(), result.stdout
+
+
+def test_gqa_suite_times_torchmha_and_every_peer_in_both_modes(gqa_quick_run):
+    """The grouped-query suite times torchmha, the Python SDPA block and LlamaAttention (eager
+    and SDPA) in inference and training, with a peak memory figure for each."""
+    report, _, _ = gqa_quick_run
+    for mode in ("inference", "training"):
+        rows = [row for row in report["rows"] if row["mode"] == mode]
+        assert {row["candidate"] for row in rows} == GQA_CANDIDATES
+        for row in rows:
+            assert (row["heads"], row["kv_heads"]) == (4, 2)
+            assert len(row["samples_ms"]) == 2 and all(ms > 0 for ms in row["samples_ms"])
+            assert row["fraction_of_gemm_peak"] > 0
+            assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= 0
+
+
+def test_gqa_peers_compute_the_same_attention_as_torchmha(gqa_quick_run):
+    """Every peer runs on torchmha's weights and gives its output (float32): the timings compare
+    the same function."""
+    report, _, _ = gqa_quick_run
+    for row in report["rows"]:
+        assert row["max_abs_diff_vs_torchmha"] <= 1e-5, row
+
+
+def test_gqa_ratio_is_against_the_fastest_peer(gqa_quick_run):
+    report, _, _ = gqa_quick_run
+    for mode in ("inference", "training"):
+        rows = {r["candidate"]: r for r in report["rows"] if r["mode"] == mode}
+        fastest = min(GQA_PEERS, key=lambda name: rows[name]["median_ms"])
+        ours = rows["torchmha"]
+        assert ours["fastest_peer"] == fastest
+        assert ours["x_fastest_peer"] == pytest.approx(
+            rows[fastest]["median_ms"] / ours["median_ms"]
+        )
+        rounds = ours["x_fastest_peer_rounds"]
+        assert min(rounds) * (1 - 1e-9) <= ours["x_fastest_peer"] <= max(rounds) * (1 + 1e-9)
+
+
+def test_gqa_report_states_versions_method_and_goals(gqa_quick_run):
+    report, markdown, stdout = gqa_quick_run
+    assert report["machine"]["transformers"] and report["settings"]["rope_theta"] == 10000.0
+    assert "transformers " + report["machine"]["transformers"] in markdown
+    assert "MALLOC_MMAP_THRESHOLD_" in markdown  # how the peak memory was measured
+    assert "| x fastest peer |" in markdown and "memory vs lowest peer" in markdown
+    goals = markdown.split("Goals, as measured", 1)[1]
+    assert "Grouped-query inference vs the fastest peer" in goals
+    assert "Grouped-query training step vs the fastest peer" in goals
+    assert "Training step vs torch.nn.MultiheadAttention" not in goals  # the other suite's
+
+
+def test_gqa_report_from_saved_timings_reproduces_the_report(gqa_quick_run, tmp_path):
+    report, markdown, _ = gqa_quick_run
+    saved = tmp_path / "again.json"
+    saved.write_text(json.dumps(report))
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
+    result = subprocess.run(
+        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "again.md").read_text() == markdown.replace(
+        "# Benchmark: quick-gqa", "# Benchmark: again"
+    )
+
+
+def test_gqa_memory_goal_compares_torchmha_with_the_lowest_peer():
+    """torchmha's peak over the lowest peer's peak; the goal is met only strictly below it."""
+    report = _load_report_module()
+    shape = (8, 512, 1024, 16, 4)
+    rows = []
+    for mode, peaks in (
+        ("inference", {"torchmha": 90, "sdpa_gqa": 100, "llama_eager": 400, "llama_sdpa": 120}),
+        ("training", {"torchmha": 300, "sdpa_gqa": 300, "llama_eager": 900, "llama_sdpa": 350}),
+    ):
+        for name, mib in peaks.items():
+            rows.append(
+                {"candidate": name, "median_ms": 10.0, "samples_ms": [10.0], "mode": mode,
+                 "case": ("float32", shape, mode), "dtype": "float32", "shape": shape, "batch": 8,
+                 "seq": 512, "embed": 1024, "heads": 16, "kv_heads": 4, "peak_bytes": mib << 20}
+            )  # fmt: skip
+    report.add_gqa_ratios(rows, ("sdpa_gqa", "llama_eager", "llama_sdpa"), 0.1)
+    ours = {r["mode"]: r for r in rows if r["candidate"] == "torchmha"}
+    assert ours["inference"]["peak_vs_lowest_peer"] == pytest.approx(0.9)
+    assert ours["training"]["peak_vs_lowest_peer"] == pytest.approx(1.0)
+    assert all(r["peak_vs_lowest_peer"] is None for r in rows if r["candidate"] != "torchmha")
+    line = next(g for g in report.goals(rows, "cpu", suite="gqa") if "peak memory" in g)
+    assert "NOT met" in line and "inference: 0.90x" in line and "training: 1.00x" in line, line

@@ -24,11 +24,13 @@ LIBRARY_SOURCES = [
     "csrc/composite/argument_checks.cpp",
     "csrc/composite/attention.cpp",
     "csrc/composite/blocked_attention.cpp",
+    "csrc/composite/cache_step.cpp",
     "csrc/composite/head_mean_softmax.cpp",
     "csrc/composite/masks.cpp",
     "csrc/composite/multi_head_attention.cpp",
     "csrc/composite/rotary.cpp",
     "csrc/module.cpp",
+    "csrc/kv_cache.cpp",
     "csrc/textbook.cpp",
     "csrc/serialize.cpp",
 ]

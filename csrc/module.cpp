@@ -161,19 +161,35 @@ void MultiHeadAttentionImpl::reset_parameters() {
 std::tuple<torch::Tensor, torch::Tensor> MultiHeadAttentionImpl::forward(
     const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
     const torch::Tensor& key_padding_mask, bool need_weights, const torch::Tensor& attn_mask,
-    bool average_attn_weights, bool is_causal, const torch::Tensor& positions) {
+    bool average_attn_weights, bool is_causal, const torch::Tensor& positions,
+    const KVCache& kv_cache) {
   const auto optional = [](const torch::Tensor& t) {
     return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
   };
+  std::optional<torch::Tensor> cache_key, cache_value, cache_lengths;
+  if (!kv_cache.is_empty()) {
+    cache_key = kv_cache->key;
+    cache_value = kv_cache->value;
+    cache_lengths = kv_cache->seq_lens;
+  }
   auto [output, weights] = multi_head_attention(
       query, key, value, options.num_heads(), optional(in_proj_weight), optional(in_proj_bias),
       optional(q_proj_weight), optional(k_proj_weight), optional(v_proj_weight), out_proj->weight,
       optional(out_proj->bias), optional(bias_k), optional(bias_v), options.add_zero_attn(),
       options.dropout(), is_training(), optional(key_padding_mask), optional(attn_mask),
       need_weights, average_attn_weights, is_causal, options.batch_first(), options.num_kv_heads(),
-      options.rope_theta(), options.rotary_dim(), options.rotary_interleaved(),
-      optional(positions));
+      options.rope_theta(), options.rotary_dim(), options.rotary_interleaved(), optional(positions),
+      cache_key, cache_value, cache_lengths);
   return {output, need_weights ? weights : torch::Tensor()};
+}
+
+KVCache MultiHeadAttentionImpl::new_kv_cache(int64_t batch_size, int64_t max_seq_len,
+                                             std::optional<c10::ScalarType> dtype,
+                                             std::optional<c10::Device> device) const {
+  const auto& weight = qkv_same_embed_dim ? in_proj_weight : k_proj_weight;
+  return KVCache(KVCacheOptions(batch_size, num_kv_heads(), max_seq_len, head_dim())
+                     .dtype(dtype.value_or(weight.scalar_type()))
+                     .device(device.value_or(weight.device())));
 }
 
 void MultiHeadAttentionImpl::pretty_print(std::ostream& stream) const {

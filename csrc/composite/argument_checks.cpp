@@ -1,4 +1,5 @@
 // Every argument check of the op, with messages that name the argument and its shape.
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -326,6 +327,136 @@ void check_masks(const Arguments& args) {
   }
 }
 
+// What a cache cannot honour, refused by name: it holds the new tokens' own keys, at positions
+// that follow its lengths.
+void check_cache_combinations(const Arguments& args) {
+  const auto refuse_with_cache = [](bool present, const char* name, const char* why) {
+    TORCH_CHECK(!present, kOp, "`", name, "` cannot be used with a key/value cache: ", why);
+  };
+  refuse_with_cache(given(args.bias_k), "bias_k", "its appended key would be cached at every step");
+  refuse_with_cache(args.add_zero_attn, "add_zero_attn",
+                    "its appended key would be cached at every step");
+  refuse_with_cache(given(args.attn_mask), "attn_mask",
+                    "the cache builds the mask from `cache_lengths` and `is_causal`");
+  refuse_with_cache(given(args.positions), "positions",
+                    "the new tokens' positions follow `cache_lengths`");
+  const int64_t seq_dim = args.sequence_dim();
+  TORCH_CHECK(
+      args.key.sym_size(seq_dim) == args.query.sym_size(seq_dim), kOp,
+      "with a key/value cache, `key` and `value` are the new tokens (the length of `query` ",
+      args.query.sym_sizes(), "), but got `key` of shape ", args.key.sym_sizes(),
+      " (cross-attention over a fixed memory needs no cache of this kind)");
+  if (given(args.key_padding_mask)) {
+    TORCH_CHECK(args.key_padding_mask->scalar_type() == at::kBool, kOp,
+                "with a key/value cache, `key_padding_mask` marks right padding of the new tokens "
+                "and must be bool, but got ",
+                args.key_padding_mask->scalar_type());
+  }
+}
+
+// A cache is for inference: written in place, it cannot be part of an autograd graph.
+void check_cache_without_grad(const Arguments& args) {
+  if (!c10::GradMode::is_enabled()) {
+    return;
+  }
+  const std::pair<const std::optional<at::Tensor>*, const char*> optional_tensors[] = {
+      {&args.in_proj_weight, "in_proj_weight"}, {&args.in_proj_bias, "in_proj_bias"},
+      {&args.q_proj_weight, "q_proj_weight"},   {&args.k_proj_weight, "k_proj_weight"},
+      {&args.v_proj_weight, "v_proj_weight"},   {&args.out_proj_bias, "out_proj_bias"},
+      {&args.cache_key, "cache_key"},           {&args.cache_value, "cache_value"}};
+  const char* needing_grad = args.query.requires_grad()             ? "query"
+                             : args.key.requires_grad()             ? "key"
+                             : args.value.requires_grad()           ? "value"
+                             : args.out_proj_weight.requires_grad() ? "out_proj_weight"
+                                                                    : nullptr;
+  for (const auto& [tensor, name] : optional_tensors) {
+    if (needing_grad == nullptr && given(*tensor) && (*tensor)->requires_grad()) {
+      needing_grad = name;
+    }
+  }
+  TORCH_CHECK(needing_grad == nullptr, kOp, "a key/value cache is for inference, but `",
+              needing_grad,
+              "` requires grad: run the step under torch.no_grad() or torch.inference_mode()");
+}
+
+// The data of the lengths and the padding, read on real tensors only (tracing cannot read them).
+void check_cache_lengths_values(const Arguments& args) {
+  const auto& lengths = *args.cache_lengths;
+  // Meta tensors have no values to read.
+  if (!is_concrete(lengths) || !is_concrete(args.query) || !is_concrete(*args.cache_key) ||
+      lengths.is_meta() || lengths.numel() == 0) {
+    return;
+  }
+  const int64_t target_len = args.query.size(args.sequence_dim());
+  const int64_t max_seq_len = args.cache_key->size(2);
+  const auto lengths_cpu = lengths.cpu().contiguous();
+  const auto* values = lengths_cpu.data_ptr<int64_t>();
+  for (int64_t entry = 0; entry < lengths_cpu.numel(); ++entry) {
+    TORCH_CHECK(values[entry] >= 0, kOp, "`cache_lengths` must be non-negative, but entry ", entry,
+                " has length ", values[entry]);
+    // Every new position is written, padding included, so all of them must fit.
+    TORCH_CHECK(values[entry] + target_len <= max_seq_len, kOp, "the step would pass max_seq_len ",
+                max_seq_len, " (`cache_key` ", args.cache_key->sizes(), "): entry ", entry,
+                " at length ", values[entry], " with ", target_len, " new tokens needs ",
+                values[entry] + target_len - max_seq_len, " more positions");
+  }
+  if (target_len > 1 && given(args.key_padding_mask) && is_concrete(*args.key_padding_mask) &&
+      !args.key_padding_mask->is_meta()) {
+    const auto padding = args.key_padding_mask->reshape({-1, target_len}).to(at::kLong);
+    // Right padding: once a token is padding, every later one is too.
+    const auto holes =
+        padding.narrow(1, 0, target_len - 1).gt(padding.narrow(1, 1, target_len - 1));
+    TORCH_CHECK(!holes.any().item<bool>(), kOp,
+                "with a key/value cache, `key_padding_mask` must be right padding (real tokens "
+                "first, then padding), but a real token follows a padded one");
+  }
+}
+
+void check_cache(const Arguments& args) {
+  const bool any_given =
+      given(args.cache_key) || given(args.cache_value) || given(args.cache_lengths);
+  if (!any_given) {
+    return;
+  }
+  TORCH_CHECK(given(args.cache_key) && given(args.cache_value) && given(args.cache_lengths), kOp,
+              "a key/value cache is `cache_key`, `cache_value` and `cache_lengths` together, but "
+              "`",
+              !given(args.cache_key)     ? "cache_key"
+              : !given(args.cache_value) ? "cache_value"
+                                         : "cache_lengths",
+              "` is missing");
+  const auto& query = args.query;
+  const c10::SymInt batch =
+      args.is_batched() ? query.sym_size(args.batch_first ? 0 : 1) : c10::SymInt(1);
+  const c10::SymInt head_dim = query.sym_size(-1) / args.num_heads;
+  for (const auto& [cache, name] :
+       {std::pair{&*args.cache_key, "cache_key"}, {&*args.cache_value, "cache_value"}}) {
+    check_dense_like_query(query, *cache, name);
+    TORCH_CHECK(cache->dim() == 4 && cache->sym_size(0) == batch &&
+                    cache->sym_size(1) == args.kv_heads() && cache->sym_size(3) == head_dim,
+                kOp, "expected `", name,
+                "` of shape [batch, num_kv_heads, max_seq_len, head_dim] = [", batch, ", ",
+                args.kv_heads(), ", max_seq_len, ", head_dim, "], but got ", cache->sym_sizes());
+  }
+  TORCH_CHECK(args.cache_value->sym_sizes().equals(args.cache_key->sym_sizes()), kOp,
+              "expected `cache_value` of the shape of `cache_key` ", args.cache_key->sym_sizes(),
+              ", but got ", args.cache_value->sym_sizes());
+  TORCH_CHECK(!args.cache_key->is_same(*args.cache_value), kOp,
+              "`cache_key` and `cache_value` must be different tensors");
+  const auto& lengths = *args.cache_lengths;
+  check_dense(lengths, "cache_lengths");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong, kOp, "expected int64 `cache_lengths`, but got ",
+              lengths.scalar_type());
+  TORCH_CHECK(lengths.device() == query.device(), kOp,
+              "expected `cache_lengths` on the device of `query` (", query.device(), "), but got ",
+              lengths.device());
+  TORCH_CHECK(has_shape(lengths, {batch}), kOp, "expected `cache_lengths` of shape [batch] = [",
+              batch, "], but got ", lengths.sym_sizes());
+  check_cache_combinations(args);
+  check_cache_without_grad(args);
+  check_cache_lengths_values(args);
+}
+
 }  // namespace
 
 void check_arguments(const Arguments& args) {
@@ -337,6 +468,7 @@ void check_arguments(const Arguments& args) {
   check_projection_weights(args);
   check_bias_kv(args);
   check_masks(args);
+  check_cache(args);
   TORCH_CHECK_VALUE(args.dropout_p >= 0.0 && args.dropout_p <= 1.0, kOp,
                     "`dropout_p` must be in [0, 1], but got ", shortest_decimal(args.dropout_p));
 }

@@ -35,6 +35,9 @@ struct Arguments {
   std::optional<int64_t> rotary_dim;
   bool rotary_interleaved;
   const std::optional<at::Tensor>& positions;
+  const std::optional<at::Tensor>& cache_key;
+  const std::optional<at::Tensor>& cache_value;
+  const std::optional<at::Tensor>& cache_lengths;
 
   bool is_batched() const { return query.dim() == 3; }
   // Batch-first layout also covers unbatched inputs, which gain a leading batch of one.
@@ -46,6 +49,8 @@ struct Arguments {
   // Query heads that share one key/value head.
   int64_t group_size() const { return num_heads / kv_heads(); }
   bool has_rotary() const { return rope_theta.has_value(); }
+  // A key/value cache: checks make sure all three of its tensors come together.
+  bool has_cache() const { return cache_key.has_value() && cache_key->defined(); }
   // Features of the key and value projections: num_kv_heads heads of embed_dim / num_heads.
   c10::SymInt kv_dim() const { return query.sym_size(-1) / num_heads * kv_heads(); }
 };

@@ -8,6 +8,7 @@
 
 #include "arguments.h"
 #include "attention.h"
+#include "cache_step.h"
 #include "masks.h"
 #include "rotary.h"
 
@@ -225,6 +226,69 @@ bool weights_read_projection_in_place(const Arguments& args, const std::optional
   return source_len * row_bytes <= kMaxKeySpanReadInPlace;
 }
 
+// Unbatched inputs gain a batch of one in front (and are then batch-first).
+at::Tensor as_batched(const Arguments& args, const at::Tensor& tensor) {
+  return args.is_batched() ? tensor : tensor.unsqueeze(0);
+}
+
+// Attention of the projected heads, the heads' concatenation and the output projection.
+// `causal_hint`: SDPA's causal flag stands in for a mask (only where `mask` has none).
+std::tuple<at::Tensor, at::Tensor> attend_and_project(const Arguments& args, const Heads& heads,
+                                                      std::optional<at::Tensor> mask,
+                                                      bool causal_hint) {
+  const double dropout = args.training ? args.dropout_p : 0.0;
+  const int64_t group = args.group_size();
+  // Only the fused path on a device whose SDPA takes grouped heads keeps them unrepeated.
+  const bool grouped_sdpa =
+      group > 1 && !args.need_weights && sdpa_takes_grouped_heads(args.query, mask);
+  auto key = heads.key;
+  auto value = heads.value;
+  if (group > 1 && !grouped_sdpa) {
+    key = repeat_kv_heads(key, group);
+    value = repeat_kv_heads(value, group);
+  }
+  at::Tensor attended;
+  at::Tensor weights;
+  if (args.need_weights) {
+    std::tie(attended, weights) = attention_with_weights(heads.query, key, value, std::move(mask),
+                                                         dropout, args.average_attn_weights);
+    if (!args.is_batched()) {
+      weights = weights.squeeze(0);
+    }
+  } else {
+    attended = fused_attention(heads.query, key, value, std::move(mask), dropout, causal_hint,
+                               grouped_sdpa);
+    weights = at::empty({0}, args.query.options());
+  }
+  auto output = at::linear(merge_heads(attended, args.is_batch_first()), args.out_proj_weight,
+                           args.out_proj_bias);
+  if (!args.is_batched()) {
+    output = output.squeeze(0);
+  }
+  return {output, weights};
+}
+
+// A decoding step: the new tokens' keys and values go into the cache at each entry's length (after
+// the rotation, at the positions that length gives), then the queries attend over the cache.
+std::tuple<at::Tensor, at::Tensor> multi_head_attention_with_cache(const Arguments& args) {
+  const auto step = plan_cache_step(args);
+  Heads heads = project_grouped(args, as_batched(args, args.query), as_batched(args, args.key),
+                                as_batched(args, args.value));
+  if (args.has_rotary()) {
+    const auto tables =
+        rotary_tables(args, step.positions, heads.query.sym_size(2), heads.query.scalar_type());
+    heads.query = rotate(heads.query, tables, args);
+    heads.key = rotate(heads.key, tables, args);
+  }
+  // Every check passed before this point: only now is the caller's cache written.
+  write_into_cache(*args.cache_key, heads.key, step);
+  write_into_cache(*args.cache_value, heads.value, step);
+  args.cache_lengths->copy_(step.new_lengths);
+  heads.key = *args.cache_key;
+  heads.value = *args.cache_value;
+  return attend_and_project(args, heads, step.mask, /*causal_hint=*/false);
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
     const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
@@ -236,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     bool need_weights, bool average_attn_weights, bool is_causal, bool batch_first,
     std::optional<int64_t> num_kv_heads, std::optional<double> rope_theta,
     std::optional<int64_t> rotary_dim, bool rotary_interleaved,
-    const std::optional<at::Tensor>& positions) {
+    const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& cache_key,
+    const std::optional<at::Tensor>& cache_value, const std::optional<at::Tensor>& cache_lengths) {
   const Arguments args{query,
                        key,
                        value,
@@ -263,13 +328,14 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
                        rope_theta,
                        rotary_dim,
                        rotary_interleaved,
-                       positions};
+                       positions,
+                       cache_key,
+                       cache_value,
+                       cache_lengths};
   check_arguments(args);
-
-  // Unbatched inputs gain a batch of one in front and are treated as batch-first.
-  const bool batched = args.is_batched();
-  const auto as_batched = [batched](const at::Tensor& t) { return batched ? t : t.unsqueeze(0); };
-  const bool layout_batch_first = args.is_batch_first();
+  if (args.has_cache()) {
+    return multi_head_attention_with_cache(args);
+  }
 
   const int64_t appended_keys = (given(bias_k) ? 1 : 0) + (add_zero_attn ? 1 : 0);
 
@@ -295,12 +361,14 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
   // Rotated and repeated heads are new tensors, laid out head-major already.
   const bool head_major = need_weights && group == 1 && !args.has_rotary() &&
                           !weights_read_projection_in_place(args, mask, appended_keys, dropout);
-  Heads heads =
-      group > 1 || args.has_rotary()
-          ? project_grouped(args, as_batched(query), as_batched(key), as_batched(value))
-      : args.has_packed_weight()
-          ? project_packed(args, as_batched(query), as_batched(key), as_batched(value), head_major)
-          : project_separate(args, as_batched(query), as_batched(key), as_batched(value));
+  const auto batched_query = as_batched(args, query);
+  const auto batched_key = as_batched(args, key);
+  const auto batched_value = as_batched(args, value);
+  Heads heads = group > 1 || args.has_rotary()
+                    ? project_grouped(args, batched_query, batched_key, batched_value)
+                : args.has_packed_weight()
+                    ? project_packed(args, batched_query, batched_key, batched_value, head_major)
+                    : project_separate(args, batched_query, batched_key, batched_value);
   if (args.has_rotary()) {
     rotate_heads(args, heads);
   }
@@ -314,33 +382,7 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     heads.value = at::constant_pad_nd(heads.value, {0, 0, 0, 1}, 0);
   }
 
-  // Only the fused path on a device whose SDPA takes grouped heads keeps them unrepeated.
-  const bool grouped_sdpa = group > 1 && !need_weights && sdpa_takes_grouped_heads(query, mask);
-  if (group > 1 && !grouped_sdpa) {
-    heads.key = repeat_kv_heads(heads.key, group);
-    heads.value = repeat_kv_heads(heads.value, group);
-  }
-
-  at::Tensor attended;
-  at::Tensor weights;
-  if (need_weights) {
-    std::tie(attended, weights) = attention_with_weights(heads.query, heads.key, heads.value, mask,
-                                                         dropout, average_attn_weights);
-    if (!batched) {
-      weights = weights.squeeze(0);
-    }
-  } else {
-    attended = fused_attention(heads.query, heads.key, heads.value, mask, dropout, use_causal_hint,
-                               grouped_sdpa);
-    weights = at::empty({0}, query.options());
-  }
-
-  auto output =
-      at::linear(merge_heads(attended, layout_batch_first), out_proj_weight, out_proj_bias);
-  if (!batched) {
-    output = output.squeeze(0);
-  }
-  return {output, weights};
+  return attend_and_project(args, heads, std::move(mask), use_causal_hint);
 }
 
 }  // namespace

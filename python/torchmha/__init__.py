@@ -11,6 +11,7 @@ from torchmha import (  # noqa: E402
     cpp,
 )
 from torchmha.conversion import load_separate_projections, separate_projections_state_dict
+from torchmha.kv_cache import KVCache
 from torchmha.modules import MultiHeadAttention
 from torchmha.ops import multi_head_attention
 from torchmha.serialization import save_state_dict
@@ -32,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "KVCache",
     "MultiHeadAttention",
     "MultiheadAttention",
     "TextbookMultiHeadAttention",

@@ -1,12 +1,13 @@
 """``torchmha.MultiHeadAttention``: a drop-in for ``torch.nn.MultiheadAttention``."""
 
 import math
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 
+from torchmha.kv_cache import KVCache
 from torchmha.loading import AllOrNothingLoading
 from torchmha.ops import multi_head_attention
 
@@ -162,6 +163,7 @@ class MultiHeadAttention(AllOrNothingLoading):
         average_attn_weights: bool = True,
         is_causal: bool = False,
         positions: Optional[Tensor] = None,
+        kv_cache: Optional[Any] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Attend from ``query`` to ``key``/``value``, as ``torch.nn.MultiheadAttention`` does.
 
@@ -169,11 +171,25 @@ class MultiHeadAttention(AllOrNothingLoading):
         tokens, which the keys share, e.g. for left-padded batches; by default queries and keys
         are at ``0, 1, 2, ...``.
 
+        ``kv_cache`` (a :class:`torchmha.KVCache`, e.g. from :meth:`new_kv_cache`; self-attention,
+        eager and compiled, not TorchScript): ``query``, ``key`` and ``value`` are the new tokens.
+        Their keys and values are written into the cache at each entry's length, then the queries
+        attend over everything cached for their entry (with ``is_causal=True``, new token ``i`` of
+        an entry at length ``p`` sees positions ``<= p + i``); rotary positions follow the cache.
+        A bool ``key_padding_mask`` over the new tokens (right padding, for prompts of different
+        lengths) advances each entry by its real tokens only. Weights, if asked for, are over the
+        cache's ``max_seq_len`` positions, zero beyond each entry's length. Run it without
+        autograd (``torch.no_grad()`` or ``torch.inference_mode()``).
+
         Returns ``(attn_output, attn_output_weights)``; the weights are ``None`` unless
         ``need_weights``, averaged over heads unless ``average_attn_weights=False`` (then one
         per query head).
         """
         weights = self._attribute_weights() if _is_scripting() else self._registered_weights()
+        cache: List[Optional[Tensor]] = [None, None, None]
+        if not _is_scripting():
+            if kv_cache is not None:
+                cache = self._cache_tensors(kv_cache)
         return multi_head_attention(
             query,
             key,
@@ -202,6 +218,39 @@ class MultiHeadAttention(AllOrNothingLoading):
             rotary_dim=self.rotary_dim,
             rotary_interleaved=self.rotary_interleaved,
             positions=positions,
+            cache_key=cache[0],
+            cache_value=cache[1],
+            cache_lengths=cache[2],
+        )
+
+    @_unused_by_torchscript
+    def _cache_tensors(self, kv_cache: Any) -> List[Optional[Tensor]]:
+        """The op's cache arguments: the cache's keys, values and lengths."""
+        if not isinstance(kv_cache, KVCache):
+            raise TypeError(
+                f"torchmha.MultiHeadAttention: `kv_cache` must be a torchmha.KVCache, got "
+                f"{type(kv_cache).__name__}"
+            )
+        return [kv_cache.key, kv_cache.value, kv_cache.seq_lens]
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
+    ) -> KVCache:
+        """An empty :class:`torchmha.KVCache` for this module's key/value heads: ``batch_size``
+        sequences of up to ``max_seq_len`` tokens, in the dtype and on the device of the module's
+        weights unless given."""
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.k_proj_weight
+        return KVCache(
+            batch_size,
+            self.num_kv_heads,
+            max_seq_len,
+            self.head_dim,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device if device is None else device,
         )
 
     def _attribute_weights(

@@ -34,6 +34,9 @@ def multi_head_attention(
     rotary_dim: Optional[int] = None,
     rotary_interleaved: bool = False,
     positions: Optional[Tensor] = None,
+    cache_key: Optional[Tensor] = None,
+    cache_value: Optional[Tensor] = None,
+    cache_lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Multi-head attention with ``torch.nn.functional.multi_head_attention_forward``'s semantics.
 
@@ -54,6 +57,17 @@ def multi_head_attention(
     ``0, 1, 2, ...``. Keys appended by ``bias_k`` or ``add_zero_attn`` are not rotated.
     ``is_causal=True`` without ``attn_mask`` is causal attention. A query whose keys are all
     masked attends to nothing (zero before the output projection), never NaN.
+
+    Key/value cache (incremental decoding; all three or none, each updated in place):
+    ``cache_key`` and ``cache_value`` ``(N, num_kv_heads, max_seq_len, head_dim)`` in the dtype
+    of ``query``, holding keys after rotation, and ``cache_lengths`` (int64, ``(N,)``). ``key``
+    and ``value`` are the new tokens (the length of ``query``): entry ``b``'s new keys and values
+    are written at ``cache_lengths[b] + i`` (their rotary positions too), then the queries attend
+    over everything the entry has cached; with ``is_causal``, new token ``i`` sees positions
+    ``<= cache_lengths[b] + i``. A bool ``key_padding_mask`` over the new tokens marks right
+    padding: each entry advances by its real tokens only. The weights are over the cache's
+    ``max_seq_len`` positions, zero beyond each entry's length. Every check runs before anything
+    is written; a cache is for inference (refused when an input requires grad in grad mode).
 
     The arguments are the op schema's, in its order (``torch.ops.torchmha.multi_head_attention``);
     ``out_proj_weight`` is required, and may be given by name after ``in_proj_weight`` and
@@ -98,6 +112,9 @@ def multi_head_attention(
         rotary_dim,
         rotary_interleaved,
         positions,
+        cache_key,
+        cache_value,
+        cache_lengths,
     )
     if need_weights:
         return output, weights

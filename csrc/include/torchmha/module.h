@@ -5,8 +5,10 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 #include <torchmha/export.h>
+#include <torchmha/kv_cache.h>
 #include <torchmha/options.h>
 
+#include <optional>
 #include <ostream>
 #include <tuple>
 
@@ -38,11 +40,21 @@ class TORCHMHA_API MultiHeadAttentionImpl : public torch::nn::Cloneable<MultiHea
   /// `is_causal` without `attn_mask` is causal attention. `positions` (integer `(L)` or
   /// `(N, L)`; `(L)` for unbatched inputs) are the query tokens' rotary positions, which the
   /// keys share (so it needs as many keys as queries); undefined means `0, 1, 2, ...`.
+  /// `kv_cache` (from `new_kv_cache`; empty holder: none): the inputs are the new tokens,
+  /// whose keys and values are written at each entry's length before the queries attend over
+  /// the entry's cache (as Python's `forward(..., kv_cache=cache)`; run under
+  /// `torch::NoGradGuard` or `c10::InferenceMode`).
   std::tuple<torch::Tensor, torch::Tensor> forward(
       const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
       const torch::Tensor& key_padding_mask = {}, bool need_weights = true,
       const torch::Tensor& attn_mask = {}, bool average_attn_weights = true, bool is_causal = false,
-      const torch::Tensor& positions = {});
+      const torch::Tensor& positions = {}, const KVCache& kv_cache = KVCache(nullptr));
+
+  /// An empty cache for this module's key/value heads: `batch_size` sequences of up to
+  /// `max_seq_len` tokens, in the dtype and on the device of the weights unless given.
+  KVCache new_kv_cache(int64_t batch_size, int64_t max_seq_len,
+                       std::optional<c10::ScalarType> dtype = std::nullopt,
+                       std::optional<c10::Device> device = std::nullopt) const;
 
   /// Creates the parameters and initialises them.
   void reset() override;
@@ -79,7 +91,8 @@ class TORCHMHA_API MultiHeadAttentionImpl : public torch::nn::Cloneable<MultiHea
                            {4, torch::nn::AnyValue(true)},
                            {5, torch::nn::AnyValue(torch::Tensor())},
                            {6, torch::nn::AnyValue(true)}, {7, torch::nn::AnyValue(false)},
-                           {8, torch::nn::AnyValue(torch::Tensor())})
+                           {8, torch::nn::AnyValue(torch::Tensor())},
+                           {9, torch::nn::AnyValue(KVCache(nullptr))})
 };
 
 /// A `ModuleHolder` for `MultiHeadAttentionImpl`; see LibTorch's module ownership semantics.

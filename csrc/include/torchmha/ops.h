@@ -31,6 +31,18 @@ namespace torchmha {
 /// after the projections, pairing feature `i` with `i + rotary_dim / 2`, or `2i` with
 /// `2i + 1` when `rotary_interleaved`. `positions` `(L)` or `(N, L)` gives the query
 /// tokens' positions (keys share them); by default queries and keys are at 0, 1, 2, ...
+///
+/// Key/value cache (incremental decoding), all three or none: `cache_key` and
+/// `cache_value` `(N, num_kv_heads, max_seq_len, head_dim)` in the dtype of `query`
+/// (keys stored after rotation), `cache_lengths` int64 `(N)` (unbatched: `(1)`), every
+/// one of them updated in place. `key` and `value` are the new tokens (the length of
+/// `query`); entry `b`'s new keys and values are written at `cache_lengths[b] + i`,
+/// then the queries attend over the entry's cached positions; with `is_causal`, new
+/// token `i` sees positions `<= cache_lengths[b] + i`. Rotary positions follow the
+/// cache. A bool `key_padding_mask` over the new tokens (right padding) advances each
+/// entry by its real tokens only. Weights are over the cache's `max_seq_len` positions,
+/// zero beyond each entry's length. Checked before anything is written; for inference
+/// only (refused when an input requires grad under grad mode).
 TORCHMHA_API std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_heads,
     const std::optional<at::Tensor>& in_proj_weight, const std::optional<at::Tensor>& in_proj_bias,
@@ -46,7 +58,10 @@ TORCHMHA_API std::tuple<at::Tensor, at::Tensor> multi_head_attention(
     std::optional<int64_t> num_kv_heads = std::nullopt,
     std::optional<double> rope_theta = std::nullopt,
     std::optional<int64_t> rotary_dim = std::nullopt, bool rotary_interleaved = false,
-    const std::optional<at::Tensor>& positions = std::nullopt);
+    const std::optional<at::Tensor>& positions = std::nullopt,
+    const std::optional<at::Tensor>& cache_key = std::nullopt,
+    const std::optional<at::Tensor>& cache_value = std::nullopt,
+    const std::optional<at::Tensor>& cache_lengths = std::nullopt);
 
 /// The arguments of `torchmha::multi_head_attention` after `query`, `key`
 /// and `value`, by name, with the schema's defaults (as LibTorch's
@@ -111,6 +126,12 @@ struct TORCHMHA_API MultiHeadAttentionFuncOptions {
   TORCH_ARG(bool, rotary_interleaved) = false;
   /// Integer positions of the query tokens, `(L)` or `(N, L)`; keys share them.
   TORCH_ARG(std::optional<at::Tensor>, positions) = std::nullopt;
+  /// Cached keys `(N, num_kv_heads, max_seq_len, head_dim)`, written in place.
+  TORCH_ARG(std::optional<at::Tensor>, cache_key) = std::nullopt;
+  /// Cached values `(N, num_kv_heads, max_seq_len, head_dim)`, written in place.
+  TORCH_ARG(std::optional<at::Tensor>, cache_value) = std::nullopt;
+  /// Each batch entry's cached length, int64 `(N)`, advanced in place.
+  TORCH_ARG(std::optional<at::Tensor>, cache_lengths) = std::nullopt;
 };
 
 /// `torchmha::multi_head_attention` with its arguments given by name.

@@ -2,6 +2,7 @@
 
 // Umbrella header for C++ users of torchmha.
 #include <torchmha/export.h>
+#include <torchmha/kv_cache.h>
 #include <torchmha/module.h>
 #include <torchmha/ops.h>
 #include <torchmha/options.h>

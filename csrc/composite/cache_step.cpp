@@ -1,0 +1,44 @@
+#include "cache_step.h"
+
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <utility>
+
+namespace torchmha::composite {
+
+CacheStep plan_cache_step(const Arguments& args) {
+  const auto& lengths = *args.cache_lengths;
+  const c10::SymInt target_len = args.query.sym_size(args.sequence_dim());
+  const c10::SymInt max_seq_len = args.cache_key->sym_size(2);
+  const auto offsets = at::arange(c10::Scalar(target_len), lengths.options());
+  auto positions = lengths.unsqueeze(1) + offsets;
+  at::Tensor new_lengths;
+  if (given(args.key_padding_mask)) {
+    // Right padding: an entry advances by its real (unmasked) tokens only.
+    const auto padding =
+        args.is_batched() ? *args.key_padding_mask : args.key_padding_mask->unsqueeze(0);
+    new_lengths = lengths + padding.logical_not().sum(-1);
+  } else {
+    new_lengths = lengths + c10::Scalar(target_len);
+  }
+  const auto slots = at::arange(c10::Scalar(max_seq_len), lengths.options()).view({1, 1, 1, -1});
+  // Every query sees its entry's cached and real new positions; causal ones up to their own.
+  auto visible = slots < new_lengths.view({-1, 1, 1, 1});
+  if (args.is_causal) {
+    visible = visible.logical_and(slots <= positions.unsqueeze(1).unsqueeze(-1));
+  }
+  auto mask = at::zeros_like(visible, args.query.options())
+                  .masked_fill_(visible.logical_not(), -std::numeric_limits<double>::infinity());
+  return {std::move(positions), std::move(new_lengths), std::move(mask)};
+}
+
+void write_into_cache(const at::Tensor& cache, const at::Tensor& heads, const CacheStep& step) {
+  const auto sizes = heads.sym_sizes();
+  const auto index = step.positions.unsqueeze(1).unsqueeze(-1).expand_symint(
+      {sizes[0], sizes[1], sizes[2], sizes[3]});
+  // Under autocast the projections come in lower precision; the cache keeps its own dtype.
+  cache.scatter_(2, index, heads.to(cache.scalar_type()));
+}
+
+}  // namespace torchmha::composite

@@ -611,9 +611,29 @@ def test_random_invalid_grouped_rotary_options_raise_a_clear_error(
     )
 
 
+@st.composite
+def rotary_self_attention_configs(draw: Callable[[st.SearchStrategy[Any]], Any]) -> Config:
+    """A grouped/rotary config made self-attention with rotary embeddings (an even head_dim),
+    where `positions` apply; built, not filtered, so every draw is usable."""
+    config = draw(grouped_rotary_configs())
+    head_dim = config.head_dim + config.head_dim % 2
+    rotary_dim = config.rotary_dim if config.rotary_dim and config.rotary_dim <= head_dim else None
+    return dataclasses.replace(
+        config,
+        head_dim=head_dim,
+        kdim=None,
+        vdim=None,
+        self_attention=True,
+        key_is_value=True,
+        source_len=config.target_len,
+        rope_theta=config.rope_theta or 10000.0,
+        rotary_dim=rotary_dim,
+    )
+
+
 @FUZZ_SETTINGS
 @given(
-    config=grouped_rotary_configs().filter(lambda c: c.rope_theta is not None and c.self_attention),
+    config=rotary_self_attention_configs(),
     mutation=st.sampled_from(sorted(POSITIONS_MUTATIONS)),
 )
 def test_random_invalid_positions_raise_a_clear_error(config: Config, mutation: str) -> None:

@@ -7,8 +7,8 @@ twice as far from it as PyTorch's own module in that dtype.
 
 import copy
 import functools
-import subprocess
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path

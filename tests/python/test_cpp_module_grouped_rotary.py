@@ -3,14 +3,12 @@ rotary embeddings: the same options, parameters and numbers as the Python
 ``torchmha.MultiHeadAttention``, and copies (deepcopy, pickle, torch.save) that keep the options.
 """
 
-import copy
-import io
-import pickle
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import pytest
 import torch
 from conftest import assert_parity, randomize_parameters, sequence_first
+from test_cpp_module_python_protocols import COPIES, pickled
 from torch import Tensor, nn
 
 import torchmha
@@ -225,24 +223,6 @@ def test_repr_shows_the_new_options() -> None:
         EMBED_DIM, NUM_HEADS, num_kv_heads=2, rope_theta=10000.0, rotary_dim=2
     )
     assert "num_kv_heads=2, rope_theta=10000, rotary_dim=2)" in repr(candidate)
-
-
-def pickled(module: nn.Module) -> nn.Module:
-    return pickle.loads(pickle.dumps(module))
-
-
-def torch_saved(module: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(module, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-COPIES: Dict[str, Callable[[nn.Module], nn.Module]] = {
-    "deepcopy": copy.deepcopy,
-    "pickle": pickled,
-    "torch_save": torch_saved,
-}
 
 
 @pytest.mark.parametrize("how", sorted(COPIES))

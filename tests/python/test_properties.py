@@ -270,6 +270,20 @@ def run(module: nn.Module, inputs: Inputs) -> Dict[str, Optional[Tensor]]:
     return results
 
 
+def assert_same_results(
+    actual: Dict[str, Optional[Tensor]], expected: Dict[str, Optional[Tensor]], dtype: torch.dtype
+) -> None:
+    """The same outputs and gradients by name, at the dtype's tolerance."""
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        got = actual[name]
+        assert (got is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(
+                got, want, **TOLERANCES[dtype], msg=lambda m, n=name: f"{n}: {m}"
+            )
+
+
 # PyTorch's own warning for a float padding mask with a bool attn_mask, which both accept.
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @FUZZ_SETTINGS
@@ -281,14 +295,7 @@ def test_random_valid_configs_match_pytorch(config: Config) -> None:
     reference, candidate = make_modules(config)
     expected = run(reference, inputs)
     actual = run(candidate, inputs)
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        got = actual[name]
-        assert (got is None) == (want is None), name
-        if want is not None:
-            torch.testing.assert_close(
-                got, want, **TOLERANCES[config.dtype], msg=lambda m, n=name: f"{n}: {m}"
-            )
+    assert_same_results(actual, expected, config.dtype)
 
 
 def make_grouped_rotary_modules(config: Config, impl: str) -> Tuple[nn.Module, nn.Module]:
@@ -323,14 +330,7 @@ def test_random_grouped_rotary_configs_match_reference(config: Config, impl: str
     reference, candidate = make_grouped_rotary_modules(config, impl)
     expected = run(reference, inputs)
     actual = run(candidate, inputs)
-    assert actual.keys() == expected.keys()
-    for name, want in expected.items():
-        got = actual[name]
-        assert (got is None) == (want is None), name
-        if want is not None:
-            torch.testing.assert_close(
-                got, want, **TOLERANCES[config.dtype], msg=lambda m, n=name: f"{n}: {m}"
-            )
+    assert_same_results(actual, expected, config.dtype)
 
 
 @dataclass(frozen=True)
@@ -459,10 +459,12 @@ MUTATIONS: Dict[str, Mutation] = {
 }
 
 
-def op_arguments(config: Config) -> Dict[str, Any]:
-    """The keyword arguments of ``torchmha.multi_head_attention`` for a valid config."""
+def op_arguments(config: Config, module: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """The keyword arguments of ``torchmha.multi_head_attention`` for a valid config, with the
+    weights of ``module`` (by default the torchmha module of ``make_modules``)."""
     inputs = Inputs(config)
-    _, module = make_modules(config)
+    if module is None:
+        _, module = make_modules(config)
     return {
         "query": inputs.query,
         "key": inputs.key,
@@ -483,18 +485,14 @@ def op_arguments(config: Config) -> Dict[str, Any]:
         "need_weights": config.need_weights,
         "average_attn_weights": config.average_attn_weights,
         "batch_first": config.batch_first,
+        **config.grouped_rotary_kwargs,
         **inputs.masks,
     }
 
 
-@FUZZ_SETTINGS
-@given(config=valid_configs(), mutation=st.sampled_from(sorted(MUTATIONS)))
-def test_random_invalid_configs_raise_a_clear_error(config: Config, mutation: str) -> None:
-    """One invalid argument in an otherwise valid call: the documented exception type, the op's
-    name and the argument's name in the message."""
-    arguments = op_arguments(config)
+def check_refused(arguments: Dict[str, Any], rule: Mutation, mutation: str, config: Config) -> None:
+    """A valid call made invalid by ``rule`` raises the rule's type, naming the argument."""
     assert torchmha.multi_head_attention(**arguments)[0].isfinite().all()  # valid before
-    rule = MUTATIONS[mutation]
     rule.apply(arguments, config)
     try:
         torchmha.multi_head_attention(**arguments)
@@ -507,30 +505,17 @@ def test_random_invalid_configs_raise_a_clear_error(config: Config, mutation: st
         raise AssertionError(f"{mutation} was accepted")
 
 
+@FUZZ_SETTINGS
+@given(config=valid_configs(), mutation=st.sampled_from(sorted(MUTATIONS)))
+def test_random_invalid_configs_raise_a_clear_error(config: Config, mutation: str) -> None:
+    """One invalid argument in an otherwise valid call: the documented exception type, the op's
+    name and the argument's name in the message."""
+    check_refused(op_arguments(config), MUTATIONS[mutation], mutation, config)
+
+
 def grouped_rotary_op_arguments(config: Config) -> Dict[str, Any]:
     """The op's keyword arguments for a valid grouped/rotary config."""
-    inputs = Inputs(config)
-    _, module = make_grouped_rotary_modules(config, "python")
-    arguments = {
-        "query": inputs.query,
-        "key": inputs.key,
-        "value": inputs.value,
-        "num_heads": config.num_heads,
-        "in_proj_weight": module.in_proj_weight,
-        "in_proj_bias": module.in_proj_bias,
-        "out_proj_weight": module.out_proj.weight,
-        "out_proj_bias": module.out_proj.bias,
-        "q_proj_weight": module.q_proj_weight,
-        "k_proj_weight": module.k_proj_weight,
-        "v_proj_weight": module.v_proj_weight,
-        "bias_k": module.bias_k,
-        "bias_v": module.bias_v,
-        "add_zero_attn": config.add_zero_attn,
-        "batch_first": config.batch_first,
-        **config.grouped_rotary_kwargs,
-        **inputs.masks,
-    }
-    return arguments
+    return op_arguments(config, make_grouped_rotary_modules(config, "python")[1])
 
 
 def positions_like(config: Config, dtype: torch.dtype = torch.int64) -> Tensor:
@@ -585,20 +570,6 @@ POSITIONS_MUTATIONS: Dict[str, Mutation] = {
 }
 
 
-def check_refused(arguments: Dict[str, Any], rule: Mutation, mutation: str, config: Config) -> None:
-    assert torchmha.multi_head_attention(**arguments)[0].isfinite().all()  # valid before
-    rule.apply(arguments, config)
-    try:
-        torchmha.multi_head_attention(**arguments)
-    except (RuntimeError, ValueError) as error:
-        message = str(error)
-        assert type(error) is rule.error, message
-        assert message.startswith("torchmha.multi_head_attention: "), message
-        assert re.search(rule.names, message), message
-    else:
-        raise AssertionError(f"{mutation} was accepted")
-
-
 @FUZZ_SETTINGS
 @given(config=grouped_rotary_configs(), mutation=st.sampled_from(sorted(GROUPED_ROTARY_MUTATIONS)))
 def test_random_invalid_grouped_rotary_options_raise_a_clear_error(
@@ -611,9 +582,29 @@ def test_random_invalid_grouped_rotary_options_raise_a_clear_error(
     )
 
 
+@st.composite
+def rotary_self_attention_configs(draw: Callable[[st.SearchStrategy[Any]], Any]) -> Config:
+    """A grouped/rotary config made self-attention with rotary embeddings (an even head_dim),
+    where `positions` apply; built, not filtered, so every draw is usable."""
+    config = draw(grouped_rotary_configs())
+    head_dim = config.head_dim + config.head_dim % 2
+    rotary_dim = config.rotary_dim if config.rotary_dim and config.rotary_dim <= head_dim else None
+    return dataclasses.replace(
+        config,
+        head_dim=head_dim,
+        kdim=None,
+        vdim=None,
+        self_attention=True,
+        key_is_value=True,
+        source_len=config.target_len,
+        rope_theta=config.rope_theta or 10000.0,
+        rotary_dim=rotary_dim,
+    )
+
+
 @FUZZ_SETTINGS
 @given(
-    config=grouped_rotary_configs().filter(lambda c: c.rope_theta is not None and c.self_attention),
+    config=rotary_self_attention_configs(),
     mutation=st.sampled_from(sorted(POSITIONS_MUTATIONS)),
 )
 def test_random_invalid_positions_raise_a_clear_error(config: Config, mutation: str) -> None:

@@ -340,12 +340,16 @@ void check_cache_combinations(const Arguments& args) {
                     "the cache builds the mask from `cache_lengths` and `is_causal`");
   refuse_with_cache(given(args.positions), "positions",
                     "the new tokens' positions follow `cache_lengths`");
-  const int64_t seq_dim = args.sequence_dim();
-  TORCH_CHECK(
-      args.key.sym_size(seq_dim) == args.query.sym_size(seq_dim), kOp,
-      "with a key/value cache, `key` and `value` are the new tokens (the length of `query` ",
-      args.query.sym_sizes(), "), but got `key` of shape ", args.key.sym_sizes(),
-      " (cross-attention over a fixed memory needs no cache of this kind)");
+  // A self-attention cache (causal or rotary) stores the queries' own tokens; without both, a
+  // cache may take keys of any length, e.g. a cross-attention memory once, then none.
+  if (args.is_causal || args.has_rotary()) {
+    const int64_t seq_dim = args.sequence_dim();
+    TORCH_CHECK(args.key.sym_size(seq_dim) == args.query.sym_size(seq_dim), kOp,
+                "with a key/value cache and ", args.is_causal ? "is_causal" : "rotary embeddings",
+                ", `key` and `value` are the new tokens of self-attention (the length of `query` ",
+                args.query.sym_sizes(), "), but got `key` of shape ", args.key.sym_sizes(),
+                " (a cross-attention cache runs without is_causal and rotary embeddings)");
+  }
   if (given(args.key_padding_mask)) {
     TORCH_CHECK(args.key_padding_mask->scalar_type() == at::kBool, kOp,
                 "with a key/value cache, `key_padding_mask` marks right padding of the new tokens "
@@ -387,25 +391,25 @@ void check_cache_lengths_values(const Arguments& args) {
       lengths.is_meta() || lengths.numel() == 0) {
     return;
   }
-  const int64_t target_len = args.query.size(args.sequence_dim());
+  // The new keys are written, padding included, so all of them must fit.
+  const int64_t source_len = args.key.size(args.sequence_dim());
   const int64_t max_seq_len = args.cache_key->size(2);
   const auto lengths_cpu = lengths.cpu().contiguous();
   const auto* values = lengths_cpu.data_ptr<int64_t>();
   for (int64_t entry = 0; entry < lengths_cpu.numel(); ++entry) {
     TORCH_CHECK(values[entry] >= 0, kOp, "`cache_lengths` must be non-negative, but entry ", entry,
                 " has length ", values[entry]);
-    // Every new position is written, padding included, so all of them must fit.
-    TORCH_CHECK(values[entry] + target_len <= max_seq_len, kOp, "the step would pass max_seq_len ",
+    TORCH_CHECK(values[entry] + source_len <= max_seq_len, kOp, "the step would pass max_seq_len ",
                 max_seq_len, " (`cache_key` ", args.cache_key->sizes(), "): entry ", entry,
-                " at length ", values[entry], " with ", target_len, " new tokens needs ",
-                values[entry] + target_len - max_seq_len, " more positions");
+                " at length ", values[entry], " with ", source_len, " new tokens needs ",
+                values[entry] + source_len - max_seq_len, " more positions");
   }
-  if (target_len > 1 && given(args.key_padding_mask) && is_concrete(*args.key_padding_mask) &&
+  if (source_len > 1 && given(args.key_padding_mask) && is_concrete(*args.key_padding_mask) &&
       !args.key_padding_mask->is_meta()) {
-    const auto padding = args.key_padding_mask->reshape({-1, target_len}).to(at::kLong);
+    const auto padding = args.key_padding_mask->reshape({-1, source_len}).to(at::kLong);
     // Right padding: once a token is padding, every later one is too.
     const auto holes =
-        padding.narrow(1, 0, target_len - 1).gt(padding.narrow(1, 1, target_len - 1));
+        padding.narrow(1, 0, source_len - 1).gt(padding.narrow(1, 1, source_len - 1));
     TORCH_CHECK(!holes.any().item<bool>(), kOp,
                 "with a key/value cache, `key_padding_mask` must be right padding (real tokens "
                 "first, then padding), but a real token follows a padded one");

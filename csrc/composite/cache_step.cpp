@@ -10,9 +10,12 @@ namespace torchmha::composite {
 CacheStep plan_cache_step(const Arguments& args) {
   const auto& lengths = *args.cache_lengths;
   const c10::SymInt target_len = args.query.sym_size(args.sequence_dim());
+  const c10::SymInt source_len = args.key.sym_size(args.sequence_dim());
   const c10::SymInt max_seq_len = args.cache_key->sym_size(2);
-  const auto offsets = at::arange(c10::Scalar(target_len), lengths.options());
-  auto positions = lengths.unsqueeze(1) + offsets;
+  auto positions = lengths.unsqueeze(1) + at::arange(c10::Scalar(target_len), lengths.options());
+  // The checks made causal and rotary steps self-attention, where keys sit at the queries' places.
+  auto key_positions =
+      lengths.unsqueeze(1) + at::arange(c10::Scalar(source_len), lengths.options());
   at::Tensor new_lengths;
   if (given(args.key_padding_mask)) {
     // Right padding: an entry advances by its real (unmasked) tokens only.
@@ -20,7 +23,7 @@ CacheStep plan_cache_step(const Arguments& args) {
         args.is_batched() ? *args.key_padding_mask : args.key_padding_mask->unsqueeze(0);
     new_lengths = lengths + padding.logical_not().sum(-1);
   } else {
-    new_lengths = lengths + c10::Scalar(target_len);
+    new_lengths = lengths + c10::Scalar(source_len);
   }
   const auto slots = at::arange(c10::Scalar(max_seq_len), lengths.options()).view({1, 1, 1, -1});
   // Every query sees its entry's cached and real new positions; causal ones up to their own.
@@ -30,12 +33,12 @@ CacheStep plan_cache_step(const Arguments& args) {
   }
   auto mask = at::zeros_like(visible, args.query.options())
                   .masked_fill_(visible.logical_not(), -std::numeric_limits<double>::infinity());
-  return {std::move(positions), std::move(new_lengths), std::move(mask)};
+  return {std::move(positions), std::move(key_positions), std::move(new_lengths), std::move(mask)};
 }
 
 void write_into_cache(const at::Tensor& cache, const at::Tensor& heads, const CacheStep& step) {
   const auto sizes = heads.sym_sizes();
-  const auto index = step.positions.unsqueeze(1).unsqueeze(-1).expand_symint(
+  const auto index = step.key_positions.unsqueeze(1).unsqueeze(-1).expand_symint(
       {sizes[0], sizes[1], sizes[2], sizes[3]});
   // Under autocast the projections come in lower precision; the cache keeps its own dtype.
   cache.scatter_(2, index, heads.to(cache.scalar_type()));

@@ -10,9 +10,10 @@ namespace torchmha::composite {
 
 // One decoding step over a cache, computed from the lengths before anything is written.
 struct CacheStep {
-  at::Tensor positions;    // (N, L) int64: new token i of entry b goes to cache_lengths[b] + i
-  at::Tensor new_lengths;  // (N) int64: each entry's length after the step (its real tokens)
-  at::Tensor mask;         // (N, 1, L, max_seq_len) additive: -inf where a query may not look
+  at::Tensor positions;      // (N, L) int64: query i of entry b sits at cache_lengths[b] + i
+  at::Tensor key_positions;  // (N, S) int64: new key j of entry b goes to cache_lengths[b] + j
+  at::Tensor new_lengths;    // (N) int64: each entry's length after the step (its real keys)
+  at::Tensor mask;           // (N, 1, L, max_seq_len) additive: -inf where a query may not look
 };
 
 CacheStep plan_cache_step(const Arguments& args);

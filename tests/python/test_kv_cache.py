@@ -237,6 +237,39 @@ def test_a_chunk_without_is_causal_sees_all_its_new_tokens() -> None:
     torch.testing.assert_close(weights, expected_weights[:, 4:], **TOLERANCE)
 
 
+@pytest.mark.parametrize("feature", ["mha", "gqa-no-rope"])
+def test_a_cross_attention_cache_projects_the_memory_once(feature: str) -> None:
+    """Encoder-decoder: the first step's ``key``/``value`` are the memory (right-padded, ragged),
+    later steps give none (length 0) and reuse its cached keys and values. Each step equals
+    attending to the whole memory without a cache, outputs and weights."""
+    attention = module_with(num_kv_heads=None if feature == "mha" else 2)
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.5)
+    memory = torch.randn(2, 5, EMBED_DIM, dtype=F64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    cache = attention.new_kv_cache(2, 7)
+    no_memory = memory[:, :0]
+    with torch.no_grad():
+        for number, length in enumerate([2, 1, 1, 3]):
+            queries = torch.randn(2, length, EMBED_DIM, dtype=F64)
+            expected, expected_weights = attention(
+                queries, memory, memory, key_padding_mask=padding, average_attn_weights=False
+            )
+            source = memory if number == 0 else no_memory
+            output, weights = attention(
+                queries,
+                source,
+                source,
+                kv_cache=cache,
+                key_padding_mask=padding if number == 0 else None,
+                average_attn_weights=False,
+            )
+            torch.testing.assert_close(output, expected, **TOLERANCE)
+            assert_weights(weights, expected_weights, 5)
+            assert cache.seq_lens.tolist() == [5, 3]
+
+
 def test_kv_cache_module() -> None:
     attention = torchmha.MultiHeadAttention(
         EMBED_DIM, NUM_HEADS, num_kv_heads=2, rope_theta=THETA, dtype=F64
@@ -358,7 +391,19 @@ REFUSALS: Dict[str, Refusal] = {
             torch.randn(2, 3, EMBED_DIM, dtype=F64),
             kv_cache=c,
         ),
-        r"with a key/value cache, `key` and `value` are the new tokens",
+        r"with a key/value cache and rotary embeddings, `key` and `value` are the new tokens of "
+        r"self-attention",
+    ),
+    "cross-attention-causal": (
+        lambda a, c: a(
+            X,
+            torch.randn(2, 3, EMBED_DIM, dtype=F64),
+            torch.randn(2, 3, EMBED_DIM, dtype=F64),
+            kv_cache=c,
+            is_causal=True,
+        ),
+        r"with a key/value cache and is_causal, `key` and `value` are the new tokens of "
+        r"self-attention",
     ),
     "attn-mask": (
         lambda a, c: call(a, c, attn_mask=torch.zeros(1, 1, dtype=torch.bool)),

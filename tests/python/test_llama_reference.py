@@ -496,3 +496,98 @@ def test_gpt_j_interleaved_rotary(
     mine.update(torchmha_gradients_as_projections(mine, hidden_size, GPTJ_NAMES))
     exact = tables == "float64" and implementation == "sdpa"
     assert_same(mine, theirs, rows, EXACT if exact else FLOAT32)
+
+
+# --- decoding with a key/value cache, step by step ------------------------------------------------
+
+# Prefill, single tokens, a chunk, single tokens: the lengths of the successive steps.
+DECODING_STEPS = (5, 1, 1, 3, 1, 1)
+CACHE_LENGTH = 16
+
+
+def hf_cache(kind: str, config: LlamaConfig):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=config)
+    return StaticCache(config=config, max_cache_len=CACHE_LENGTH)
+
+
+def hf_decoding_step(config, reference, cache, hidden: Tensor, past: int, tables: str):
+    """One step as ``LlamaModel`` runs it: its mask (made before the cache grows), the rotary
+    tables of positions ``past, past + 1, ...``, then the attention updating ``cache``."""
+    position_ids = (past + torch.arange(hidden.shape[1])).expand(hidden.shape[0], -1)
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=hidden.float() if config._attn_implementation == "eager" else hidden,
+        attention_mask=None,
+        cache=cache,
+        position_ids=position_ids,
+    )
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(hidden.dtype)
+    if tables == "float64":
+        cos, sin = rope_tables_float64(
+            config.hidden_size // config.num_attention_heads, ROPE_THETA, position_ids
+        )
+    else:
+        cos, sin = LlamaRotaryEmbedding(config)(hidden, position_ids)
+    return reference(
+        hidden,
+        position_embeddings=(cos.to(hidden.dtype), sin.to(hidden.dtype)),
+        attention_mask=mask,
+        cache=cache,
+    )
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_decoding_step_by_step_equals_llama_attention_with_its_cache(
+    cache_kind: str, attention_bias: bool
+) -> None:
+    """Prefill, single tokens and a chunk: each step's output equals ``LlamaAttention`` with
+    ``DynamicCache``/``StaticCache`` (SDPA implementation, float64 tables: 1e-10)."""
+    config, reference, ours = llama("h64-8q-2kv", "sdpa", attention_bias)
+    theirs_cache = hf_cache(cache_kind, config)
+    our_cache = ours.new_kv_cache(2, CACHE_LENGTH)
+    past = 0
+    with torch.no_grad():
+        for length in DECODING_STEPS:
+            hidden = torch.randn(2, length, config.hidden_size, dtype=F64)
+            theirs, _ = hf_decoding_step(config, reference, theirs_cache, hidden, past, "float64")
+            mine, _ = ours(
+                hidden, hidden, hidden, kv_cache=our_cache, is_causal=True, need_weights=False
+            )
+            torch.testing.assert_close(mine, theirs, **EXACT, msg=lambda m, p=past: f"at {p}: {m}")
+            past += length
+    assert our_cache.seq_lens.tolist() == [past, past]
+    assert int(theirs_cache.get_seq_length()) == past
+
+
+def test_decoding_weights_equal_llama_eager_attention_with_a_static_cache() -> None:
+    """Per-head weights over the cache's slots, as ``LlamaAttention`` (eager) returns them with
+    a ``StaticCache`` of as many slots: zero beyond the length. Eager's float32 softmax sets the
+    tolerance."""
+    config, reference, ours = llama("h32-4q-2kv", "eager", attention_bias=True)
+    theirs_cache = hf_cache("static", config)
+    our_cache = ours.new_kv_cache(2, CACHE_LENGTH)
+    past = 0
+    with torch.no_grad():
+        for length in DECODING_STEPS:
+            hidden = torch.randn(2, length, config.hidden_size, dtype=F64)
+            theirs, their_weights = hf_decoding_step(
+                config, reference, theirs_cache, hidden, past, "float64"
+            )
+            mine, my_weights = ours(
+                hidden,
+                hidden,
+                hidden,
+                kv_cache=our_cache,
+                is_causal=True,
+                average_attn_weights=False,
+            )
+            assert my_weights.shape == (2, config.num_attention_heads, length, CACHE_LENGTH)
+            torch.testing.assert_close(mine, theirs, **FLOAT32)
+            torch.testing.assert_close(my_weights, their_weights, **FLOAT32)
+            assert (my_weights[..., past + length :] == 0).all()
+            past += length

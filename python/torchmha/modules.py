@@ -190,6 +190,12 @@ class MultiHeadAttention(AllOrNothingLoading):
         if not _is_scripting():
             if kv_cache is not None:
                 cache = self._cache_tensors(kv_cache)
+        elif kv_cache is not None:
+            # TorchScript cannot hold a KVCache module: refuse rather than ignore it.
+            raise RuntimeError(
+                "torchmha.MultiHeadAttention: `kv_cache` is not supported under TorchScript; "
+                "use eager mode, torch.compile or torch.export"
+            )
         return multi_head_attention(
             query,
             key,

@@ -557,3 +557,15 @@ def test_a_compiled_step_runs_a_whole_generation_from_one_graph() -> None:
             )
     assert cache.seq_lens.tolist() == [8, 8]
     assert counter.frame_count == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)` is deprecated")
+def test_torchscript_refuses_a_cache_rather_than_ignoring_it() -> None:
+    attention = module_with(num_kv_heads=2)
+    scripted = torch.jit.script(attention)
+    cache = attention.new_kv_cache(2, 4)
+    before = snapshot(cache)
+    # The scripted raise surfaces as torch.jit.Error, which carries the message.
+    with torch.no_grad(), pytest.raises(torch.jit.Error, match="`kv_cache` is not supported"):
+        scripted(X, X, X, kv_cache=(cache.key, cache.value, cache.seq_lens))
+    assert_bitwise_unchanged(cache, before)

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "attention.h"
+
 #include <limits>
 #include <utility>
 
@@ -34,6 +36,36 @@ CacheStep plan_cache_step(const Arguments& args) {
   auto mask = at::zeros_like(visible, args.query.options())
                   .masked_fill_(visible.logical_not(), -std::numeric_limits<double>::infinity());
   return {std::move(positions), std::move(key_positions), std::move(new_lengths), std::move(mask)};
+}
+
+bool attends_few_over_cache(const Arguments& args, double dropout_p) {
+  const auto target_len = args.query.sym_size(args.sequence_dim()).maybe_as_int();
+  return !args.need_weights && dropout_p == 0.0 && target_len.has_value() &&
+         *target_len <= kFewNewTokens;
+}
+
+at::Tensor attend_few_over_cache(const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& mask) {
+  const auto batch = query.sym_size(0);
+  const auto heads = query.sym_size(1);
+  const auto target_len = query.sym_size(2);
+  const auto head_dim = query.sym_size(3);
+  const auto kv_heads = key.sym_size(1);
+  const auto slots = key.sym_size(2);
+  const auto group = heads / kv_heads;
+  // Query head h = kv * group + j: its rows of head kv's GEMM are j * L .. j * L + L - 1.
+  const auto grouped_query = (query * softmax_scale(query))
+                                 .reshape_symint({batch, kv_heads, group * target_len, head_dim});
+  auto scores = at::matmul(grouped_query, key.transpose(-2, -1))
+                    .view_symint({batch, kv_heads, group, target_len, slots});
+  scores.add_(mask.unsqueeze(1));
+  // Reduced precision normalises in float32, as SDPA's kernels do.
+  const bool reduced = c10::isReducedFloatingType(query.scalar_type());
+  auto probabilities =
+      at::_safe_softmax(scores, -1, reduced ? std::optional(at::kFloat) : std::nullopt)
+          .to(query.scalar_type());
+  return at::matmul(probabilities.view_symint({batch, kv_heads, group * target_len, slots}), value)
+      .view_symint({batch, heads, target_len, head_dim});
 }
 
 void write_into_cache(const at::Tensor& cache, const at::Tensor& heads, const CacheStep& step) {

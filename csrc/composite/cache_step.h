@@ -18,6 +18,20 @@ struct CacheStep {
 
 CacheStep plan_cache_step(const Arguments& args);
 
+// Up to this many new tokens attend over a cache through `attend_few_over_cache`.
+constexpr int64_t kFewNewTokens = 16;
+
+// Whether a step's attention goes through `attend_few_over_cache`: no weights, no dropout, and a
+// query length known (not symbolic) to be at most kFewNewTokens.
+bool attends_few_over_cache(const Arguments& args, double dropout_p);
+
+// query (N, H, L, D) over a whole cache key/value (N, KV, S, D), H a multiple of KV, `mask`
+// additive (N, 1, L, S): one batched GEMM per key/value head with its group's queries as rows, so
+// each cached key and value is read once (SDPA's CPU kernel reads them once per query head, and
+// elsewhere they would be repeated). A query that sees no slot attends to nothing (zeros).
+at::Tensor attend_few_over_cache(const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& mask);
+
 // Writes `heads` (N, num_kv_heads, L, head_dim) into `cache` at the step's positions.
 void write_into_cache(const at::Tensor& cache, const at::Tensor& heads, const CacheStep& step);
 

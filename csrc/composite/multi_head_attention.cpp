@@ -231,6 +231,13 @@ at::Tensor as_batched(const Arguments& args, const at::Tensor& tensor) {
   return args.is_batched() ? tensor : tensor.unsqueeze(0);
 }
 
+// The heads' concatenation and the output projection, in the inputs' layout.
+at::Tensor project_output(const Arguments& args, const at::Tensor& attended) {
+  auto output = at::linear(merge_heads(attended, args.is_batch_first()), args.out_proj_weight,
+                           args.out_proj_bias);
+  return args.is_batched() ? output : output.squeeze(0);
+}
+
 // Attention of the projected heads, the heads' concatenation and the output projection.
 // `causal_hint`: SDPA's causal flag stands in for a mask (only where `mask` has none).
 std::tuple<at::Tensor, at::Tensor> attend_and_project(const Arguments& args, const Heads& heads,
@@ -260,12 +267,7 @@ std::tuple<at::Tensor, at::Tensor> attend_and_project(const Arguments& args, con
                                grouped_sdpa);
     weights = at::empty({0}, args.query.options());
   }
-  auto output = at::linear(merge_heads(attended, args.is_batch_first()), args.out_proj_weight,
-                           args.out_proj_bias);
-  if (!args.is_batched()) {
-    output = output.squeeze(0);
-  }
-  return {output, weights};
+  return {project_output(args, attended), weights};
 }
 
 // A decoding step: the new tokens' keys and values go into the cache at each entry's length (after
@@ -286,6 +288,11 @@ std::tuple<at::Tensor, at::Tensor> multi_head_attention_with_cache(const Argumen
   args.cache_lengths->copy_(step.new_lengths);
   heads.key = *args.cache_key;
   heads.value = *args.cache_value;
+  const double dropout = args.training ? args.dropout_p : 0.0;
+  if (attends_few_over_cache(args, dropout)) {
+    const auto attended = attend_few_over_cache(heads.query, heads.key, heads.value, step.mask);
+    return {project_output(args, attended), at::empty({0}, args.query.options())};
+  }
   return attend_and_project(args, heads, step.mask, /*causal_hint=*/false);
 }
 

@@ -94,7 +94,13 @@ def assert_weights(weights: Tensor, expected: Tensor, length: int) -> None:
     assert torch.equal(weights[..., length:], torch.zeros_like(weights[..., length:]))
 
 
-CHUNKINGS = {"token-by-token": [4, 1, 1, 1, 1, 1], "chunks": [3, 2, 4], "one-chunk": [9]}
+# A step of more than 16 tokens attends through SDPA; fewer, through grouped GEMMs over the cache.
+CHUNKINGS = {
+    "token-by-token": [4, 1, 1, 1, 1, 1],
+    "chunks": [3, 2, 4],
+    "one-chunk": [9],
+    "long-prefill": [18, 1, 2],
+}
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
@@ -105,10 +111,10 @@ def test_decoding_equals_the_full_causal_forward(
     feature: str, chunking: str, batch_first: bool, weights: str
 ) -> None:
     attention, reference = make_pair(feature, batch_first)
-    sequence = torch.randn(2, 9, EMBED_DIM, dtype=F64)
+    sequence = torch.randn(2, sum(CHUNKINGS[chunking]), EMBED_DIM, dtype=F64)
     average = weights != "per-head"
     expected_output, expected_weights = full_causal(reference, sequence, average)
-    max_seq_len = 12
+    max_seq_len = sequence.shape[1] + 3
     cache = attention.new_kv_cache(2, max_seq_len)
     start = 0
     for length in CHUNKINGS[chunking]:

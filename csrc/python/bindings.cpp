@@ -216,6 +216,37 @@ auto pickling(const Build& build) {
       [build](const py::tuple& state) { return restore_module<ModuleType>(state, build); });
 }
 
+// What pickle keeps of a C++ cache (and so copy.deepcopy and torch.save): its tensors, from
+// which the sizes, dtype and device follow.
+constexpr int64_t kCachePickleFormat = 1;
+
+py::tuple cache_state(const torchmha::KVCacheImpl& cache) {
+  return py::make_tuple(kCachePickleFormat, cache.key, cache.value, cache.seq_lens);
+}
+
+std::shared_ptr<torchmha::KVCacheImpl> restore_cache(const py::tuple& state) {
+  TORCH_CHECK_VALUE(state.size() == 4 && state[0].cast<int64_t>() == kCachePickleFormat,
+                    "torchmha: cannot unpickle a C++ KVCache from this state (expected format ",
+                    kCachePickleFormat, " with 4 fields)");
+  const auto key = state[1].cast<torch::Tensor>();
+  const auto value = state[2].cast<torch::Tensor>();
+  const auto seq_lens = state[3].cast<torch::Tensor>();
+  TORCH_CHECK_VALUE(key.dim() == 4 && value.sizes() == key.sizes() && seq_lens.dim() == 1 &&
+                        seq_lens.size(0) == key.size(0),
+                    "torchmha: the pickled C++ KVCache's `key`, `value` and `seq_lens` must be "
+                    "(N, H, S, D), (N, H, S, D) and (N), got ",
+                    key.sizes(), ", ", value.sizes(), " and ", seq_lens.sizes());
+  auto cache = std::make_shared<torchmha::KVCacheImpl>(
+      torchmha::KVCacheOptions(key.size(0), key.size(1), key.size(2), key.size(3))
+          .dtype(key.scalar_type())
+          .device(key.device()));
+  const c10::NoGradGuard no_grad;
+  cache->key.copy_(key);
+  cache->value.copy_(value);
+  cache->seq_lens.copy_(seq_lens);
+  return cache;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -244,6 +275,7 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("batch_size"), py::arg("num_kv_heads"), py::arg("max_seq_len"),
            py::arg("head_dim"), py::arg("dtype") = py::none(), py::arg("device") = py::none())
+      .def(py::pickle(&cache_state, &restore_cache))
       .def("pretty_print", &pretty<KVCacheImpl>)
       .def("reset", &KVCacheImpl::reset)
       .def("reorder", &KVCacheImpl::reorder, py::arg("indices"))

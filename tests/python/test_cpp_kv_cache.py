@@ -5,6 +5,8 @@ through prefills, single steps, chunks, ragged prompts, ``reorder`` and ``reset`
 the state dict and the repr; and each module refuses the other's cache with a ``TypeError``.
 """
 
+import copy
+import pickle
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -221,6 +223,28 @@ def test_a_cache_owned_by_a_python_module_moves_with_it() -> None:
         "cache.value",
         "cache.seq_lens",
     ]
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_copies_hold_their_own_cpp_tensors_and_decode_on(copy_kind: str) -> None:
+    """``copy.deepcopy``, ``pickle`` (and so ``torch.save``) rebuild the C++ cache from its
+    tensors: a copy decodes on as the original, and neither sees the other's writes."""
+    pair = make_pair(**config_options("grouped_rotary"))
+    caches = new_caches(pair)
+    assert_same_step(pair, caches, torch.randn(BATCH, 3, EMBED_DIM, dtype=F64))
+    copied = copy.deepcopy(caches[1]) if copy_kind == "deepcopy" else pickled(caches[1])
+    assert isinstance(copied, torchmha.cpp.KVCache) and copied.cpp_cache is not caches[1].cpp_cache
+    assert_same_cache(caches[0], copied)
+    python_copy = copy.deepcopy(caches[0])
+    tokens = torch.randn(BATCH, 1, EMBED_DIM, dtype=F64)
+    assert_same_step(pair, (python_copy, copied), tokens)
+    assert caches[1].seq_lens.tolist() == [3] * BATCH  # the original is unchanged
+    assert_same_step(pair, caches, tokens)
+    assert_same_cache(caches[0], copied)
+
+
+def pickled(cache: torchmha.cpp.KVCache) -> torchmha.cpp.KVCache:
+    return pickle.loads(pickle.dumps(cache))
 
 
 CROSSED: Dict[str, Tuple[str, str]] = {

@@ -3,6 +3,7 @@
 #include <torch/python.h>
 #include <torchmha/torchmha.h>
 
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -215,6 +216,37 @@ auto pickling(const Build& build) {
       [build](const py::tuple& state) { return restore_module<ModuleType>(state, build); });
 }
 
+// What pickle keeps of a C++ cache (and so copy.deepcopy and torch.save): its tensors, from
+// which the sizes, dtype and device follow.
+constexpr int64_t kCachePickleFormat = 1;
+
+py::tuple cache_state(const torchmha::KVCacheImpl& cache) {
+  return py::make_tuple(kCachePickleFormat, cache.key, cache.value, cache.seq_lens);
+}
+
+std::shared_ptr<torchmha::KVCacheImpl> restore_cache(const py::tuple& state) {
+  TORCH_CHECK_VALUE(state.size() == 4 && state[0].cast<int64_t>() == kCachePickleFormat,
+                    "torchmha: cannot unpickle a C++ KVCache from this state (expected format ",
+                    kCachePickleFormat, " with 4 fields)");
+  const auto key = state[1].cast<torch::Tensor>();
+  const auto value = state[2].cast<torch::Tensor>();
+  const auto seq_lens = state[3].cast<torch::Tensor>();
+  TORCH_CHECK_VALUE(key.dim() == 4 && value.sizes() == key.sizes() && seq_lens.dim() == 1 &&
+                        seq_lens.size(0) == key.size(0),
+                    "torchmha: the pickled C++ KVCache's `key`, `value` and `seq_lens` must be "
+                    "(N, H, S, D), (N, H, S, D) and (N), got ",
+                    key.sizes(), ", ", value.sizes(), " and ", seq_lens.sizes());
+  auto cache = std::make_shared<torchmha::KVCacheImpl>(
+      torchmha::KVCacheOptions(key.size(0), key.size(1), key.size(2), key.size(3))
+          .dtype(key.scalar_type())
+          .device(key.device()));
+  const c10::NoGradGuard no_grad;
+  cache->key.copy_(key);
+  cache->value.copy_(value);
+  cache->seq_lens.copy_(seq_lens);
+  return cache;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -226,6 +258,30 @@ PYBIND11_MODULE(_C, m) {
         "Loads a torch.save()d state dict into a C++ module (torchmha::load_state_dict).");
   m.def("_replace_data", &replace_data, py::arg("variable"), py::arg("data"),
         "`variable.data = data` for a C++ module's tensor, also to and from the meta device.");
+
+  // Bound before the module, whose forward and new_kv_cache take and return it.
+  using torchmha::KVCacheImpl;
+  torch::python::add_module_bindings(
+      torch::python::detail::PyModuleClass<KVCacheImpl>(m, "KVCache"))
+      .def(py::init([](int64_t batch_size, int64_t num_kv_heads, int64_t max_seq_len,
+                       int64_t head_dim, std::optional<c10::ScalarType> dtype,
+                       std::optional<c10::Device> device) {
+             // Python's default dtype, as torchmha.KVCache (torch.zeros) takes it.
+             const auto default_dtype = c10::typeMetaToScalarType(at::get_default_dtype());
+             return std::make_shared<KVCacheImpl>(
+                 torchmha::KVCacheOptions(batch_size, num_kv_heads, max_seq_len, head_dim)
+                     .dtype(dtype.value_or(default_dtype))
+                     .device(device.value_or(c10::Device(c10::kCPU))));
+           }),
+           py::arg("batch_size"), py::arg("num_kv_heads"), py::arg("max_seq_len"),
+           py::arg("head_dim"), py::arg("dtype") = py::none(), py::arg("device") = py::none())
+      .def(py::pickle(&cache_state, &restore_cache))
+      .def("pretty_print", &pretty<KVCacheImpl>)
+      .def("reset", &KVCacheImpl::reset)
+      .def("reorder", &KVCacheImpl::reorder, py::arg("indices"))
+      .def_property_readonly("key", [](const KVCacheImpl& cache) { return cache.key; })
+      .def_property_readonly("value", [](const KVCacheImpl& cache) { return cache.value; })
+      .def_property_readonly("seq_lens", [](const KVCacheImpl& cache) { return cache.seq_lens; });
 
   using torchmha::MultiHeadAttentionImpl;
   bind_common<MultiHeadAttentionImpl>(m, "MultiHeadAttention")
@@ -261,15 +317,26 @@ PYBIND11_MODULE(_C, m) {
              const torch::Tensor& value, const std::optional<torch::Tensor>& key_padding_mask,
              bool need_weights, const std::optional<torch::Tensor>& attn_mask,
              bool average_attn_weights, bool is_causal,
-             const std::optional<torch::Tensor>& positions) {
+             const std::optional<torch::Tensor>& positions,
+             const std::optional<std::shared_ptr<KVCacheImpl>>& kv_cache) {
             return module.forward(query, key, value, or_undefined(key_padding_mask), need_weights,
                                   or_undefined(attn_mask), average_attn_weights, is_causal,
-                                  or_undefined(positions));
+                                  or_undefined(positions),
+                                  torchmha::KVCache(kv_cache.value_or(nullptr)));
           },
           py::arg("query"), py::arg("key"), py::arg("value"),
           py::arg("key_padding_mask") = py::none(), py::arg("need_weights") = true,
           py::arg("attn_mask") = py::none(), py::arg("average_attn_weights") = true,
-          py::arg("is_causal") = false, py::arg("positions") = py::none())
+          py::arg("is_causal") = false, py::arg("positions") = py::none(),
+          py::arg("kv_cache") = py::none())
+      .def(
+          "new_kv_cache",
+          [](const MultiHeadAttentionImpl& module, int64_t batch_size, int64_t max_seq_len,
+             std::optional<c10::ScalarType> dtype, std::optional<c10::Device> device) {
+            return module.new_kv_cache(batch_size, max_seq_len, dtype, device).ptr();
+          },
+          py::arg("batch_size"), py::arg("max_seq_len"), py::arg("dtype") = py::none(),
+          py::arg("device") = py::none())
       .def_property_readonly(
           "embed_dim",
           [](const MultiHeadAttentionImpl& module) { return module.options.embed_dim(); })

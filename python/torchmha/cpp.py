@@ -6,11 +6,15 @@ LibTorch program builds: its parameters are the C++ tensors, ``.train()``, ``.ev
 ``pickle`` and ``torch.save(module)`` rebuild the C++ module from its options and tensors;
 ``.to("meta")``, ``.to_empty()`` and ``load_state_dict(..., assign=True)`` give the C++ tensors
 new data in place.
+
+``torchmha.cpp.KVCache`` is the C++ ``torchmha::KVCache`` the same way: its buffers are the C++
+tensors, which the bound module's ``forward(..., kv_cache=cache)`` writes and reads.
 """
 
-from typing import Optional
+from typing import Any, Optional, Sequence, Tuple, Union
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from torch.nn.cpp import OrderedDictWrapper
 
 from torchmha import _C
@@ -99,12 +103,117 @@ class _CppModule(AllOrNothingLoading):
         return self.cpp_module.pretty_print()
 
 
+def _qualified_name(value: Any) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+class KVCache(nn.Module):
+    """The C++ ``torchmha::KVCache``: the keys and values of earlier tokens, for incremental
+    decoding with ``torchmha.cpp.MultiHeadAttention``; ``torchmha.KVCache``'s arguments.
+
+    ``key``, ``value`` (``(batch_size, num_kv_heads, max_seq_len, head_dim)``, keys after their
+    rotary embedding) and ``seq_lens`` (int64, ``(batch_size,)``) are the C++ tensors, seen as
+    non-persistent buffers: ``.to()`` converts them in place (``seq_lens`` stays int64) and the
+    state dict is empty, as ``torchmha.KVCache``'s.
+
+    Args:
+        batch_size: sequences decoded side by side.
+        num_kv_heads: key/value heads of the attention that uses the cache.
+        max_seq_len: positions per sequence (prompt and generated tokens).
+        head_dim: features per head.
+        dtype: of the keys and values (default: PyTorch's default dtype).
+        device: of every tensor of the cache.
+    """
+
+    key: Tensor
+    value: Tensor
+    seq_lens: Tensor
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
+    ) -> None:
+        device = None if device is None else torch.device(device)
+        self._wrap(_C.KVCache(batch_size, num_kv_heads, max_seq_len, head_dim, dtype, device))
+
+    @classmethod
+    def _from_cpp(cls, cpp_cache) -> "KVCache":
+        """Wraps a bound ``torchmha::KVCache`` (e.g. from the C++ module's ``new_kv_cache``)."""
+        cache = cls.__new__(cls)
+        cache._wrap(cpp_cache)
+        return cache
+
+    def _wrap(self, cpp_cache) -> None:
+        self.cpp_cache = cpp_cache
+        nn.Module.__init__(self)
+        self._buffers = OrderedDictWrapper(cpp_cache, "_buffers")
+        # Decoding state, not weights: out of the state dict, as torchmha.KVCache's buffers.
+        self._non_persistent_buffers_set = {"key", "value", "seq_lens"}
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key.shape[3]
+
+    def reset(self) -> None:
+        """Empties every entry (lengths 0, keys and values zero), in place."""
+        self.cpp_cache.reset()
+
+    def reorder(self, indices: Union[Tensor, Sequence[int]]) -> None:
+        """Entry ``b`` becomes what entry ``indices[b]`` was (beam search: select and repeat
+        entries), in place; ``indices`` has one integer index per entry."""
+        self.cpp_cache.reorder(torch.as_tensor(indices, device=self.seq_lens.device))
+
+    def _apply(self, fn, recurse=True):
+        # The C++ cache keeps its tensors as members: conversions replace their data in place.
+        for buffer in self.buffers():
+            _C._replace_data(buffer, fn(buffer))
+        return self
+
+    def __repr__(self) -> str:
+        return self.cpp_cache.pretty_print()
+
+
+def _cpp_cache(kv_cache: Any):
+    """The bound ``torchmha::KVCache`` of a ``torchmha.cpp.KVCache`` (``None`` for none)."""
+    if kv_cache is None:
+        return None
+    if not isinstance(kv_cache, KVCache):
+        raise TypeError(
+            "torchmha.cpp.MultiHeadAttention: `kv_cache` must be a torchmha.cpp.KVCache (from "
+            f"its new_kv_cache), got {_qualified_name(kv_cache)}"
+        )
+    return kv_cache.cpp_cache
+
+
 class MultiHeadAttention(_CppModule):
     """The C++ ``torchmha::MultiHeadAttention``; ``torch.nn.MultiheadAttention``'s arguments.
 
     The keyword-only ``num_kv_heads`` (grouped-query attention), ``rope_theta``, ``rotary_dim``
     and ``rotary_interleaved`` (rotary embeddings) are ``torchmha.MultiHeadAttention``'s, and
-    ``forward(..., positions=None)`` takes the query tokens' rotary positions.
+    ``forward(..., positions=None, kv_cache=None)`` takes the query tokens' rotary positions and
+    a ``torchmha.cpp.KVCache`` (from :meth:`new_kv_cache`) to decode with.
     """
 
     def __init__(
@@ -140,6 +249,49 @@ class MultiHeadAttention(_CppModule):
                 rotary_dim=rotary_dim,
                 rotary_interleaved=rotary_interleaved,
             )
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        positions: Optional[Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``torchmha.MultiHeadAttention.forward``'s arguments; ``kv_cache`` is a
+        ``torchmha.cpp.KVCache`` (run it without autograd, e.g. under ``torch.no_grad()``)."""
+        return self.cpp_module.forward(
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+            positions,
+            _cpp_cache(kv_cache),
+        )
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
+    ) -> KVCache:
+        """An empty ``torchmha.cpp.KVCache`` for this module's key/value heads: ``batch_size``
+        sequences of up to ``max_seq_len`` tokens, in the dtype and on the device of the
+        module's weights unless given (the C++ module's ``new_kv_cache``)."""
+        device = None if device is None else torch.device(device)
+        return KVCache._from_cpp(
+            self.cpp_module.new_kv_cache(batch_size, max_seq_len, dtype, device)
         )
 
     @property
@@ -189,4 +341,4 @@ class TextbookMultiHeadAttention(_CppModule):
         return self.cpp_module.attn
 
 
-__all__ = ["MultiHeadAttention", "TextbookMultiHeadAttention"]
+__all__ = ["KVCache", "MultiHeadAttention", "TextbookMultiHeadAttention"]

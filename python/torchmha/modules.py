@@ -233,9 +233,13 @@ class MultiHeadAttention(AllOrNothingLoading):
     def _cache_tensors(self, kv_cache: Any) -> List[Optional[Tensor]]:
         """The op's cache arguments: the cache's keys, values and lengths."""
         if not isinstance(kv_cache, KVCache):
+            kind = type(kv_cache)
+            # Qualified, so that torchmha.cpp.KVCache (the C++ module's) reads apart from ours.
+            name = kind.__qualname__
+            if kind.__module__ != "builtins":
+                name = f"{kind.__module__}.{name}"
             raise TypeError(
-                f"torchmha.MultiHeadAttention: `kv_cache` must be a torchmha.KVCache, got "
-                f"{type(kv_cache).__name__}"
+                f"torchmha.MultiHeadAttention: `kv_cache` must be a torchmha.KVCache, got {name}"
             )
         return [kv_cache.key, kv_cache.value, kv_cache.seq_lens]
 

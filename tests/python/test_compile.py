@@ -1,7 +1,7 @@
 """torch.compile: no graph break, eager's numbers, training, one graph for every length."""
 
 import copy
-from typing import Callable, List, Tuple
+from typing import Callable, List, Tuple, Union
 
 import pytest
 import torch
@@ -125,7 +125,9 @@ def test_textbook_adapter_compiles() -> None:
 Step = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
 
 
-def counting_compiles(step: Step, counter: CompileCounter, compiles: List[int]) -> Step:
+def counting_compiles(
+    step: Step, counter: Union[CompileCounter, CompileCounterWithBackend], compiles: List[int]
+) -> Step:
     """`step`, appending the counter's compilations so far after each call."""
 
     def counted(tokens: Tensor, padding: Tensor) -> Tuple[Tensor, Tensor]:

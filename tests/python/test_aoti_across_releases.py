@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interchange_models import greedy_generation
 
 FOREIGN = os.environ.get("TORCHMHA_FOREIGN_AOTI_PACKAGES")
 
@@ -34,3 +35,23 @@ def test_package_made_by_another_release_gives_its_outputs(package: str) -> None
         torch.testing.assert_close(
             output, expected[f"{package}/{length}"], atol=1e-5, rtol=1e-4, msg=f"length {length}"
         )
+
+
+@pytest.mark.skipif(
+    FOREIGN is None,
+    reason="needs packages made by another PyTorch release (scripts/compat.sh gives them)",
+)
+def test_decoder_package_made_by_another_release_generates_its_tokens() -> None:
+    """The greedy decoder that owns its key/value cache: the package's greedy generation from the
+    saved prompts gives the tokens and logits that the release which made it computed."""
+    folder = Path(str(FOREIGN))
+    expected = torch.load(folder / "expected.pt")
+    runner = torch._inductor.aoti_load_package(str(folder / "greedy_decoder.pt2"))
+    tokens, logits = greedy_generation(
+        runner,
+        expected["decoder/prompt_tokens"],
+        expected["decoder/prompt_padding"],
+        generated=expected["decoder/tokens"].size(1),
+    )
+    assert torch.equal(tokens, expected["decoder/tokens"])
+    torch.testing.assert_close(logits, expected["decoder/logits"], atol=1e-5, rtol=1e-4)

@@ -1,16 +1,25 @@
 """torch.compile: no graph break, eager's numbers, training, one graph for every length."""
 
+import copy
+from typing import Callable, List, Tuple, Union
+
 import pytest
 import torch
+from conftest import TOLERANCES
 from interchange_models import (
     EMBED_DIM,
+    GENERATED,
     AttentionBlock,
     DecoderBlock,
+    GreedyDecoder,
     TextbookBlock,
+    greedy_generation,
+    padded_prompts,
     positions_of_length,
     randomize,
 )
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch import Tensor
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import torchmha
 
@@ -111,3 +120,68 @@ def test_textbook_adapter_compiles() -> None:
     mask = torch.ones(2, 1, 1, 7)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, mask), model(x, mask))
+
+
+Step = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
+
+
+def counting_compiles(
+    step: Step, counter: Union[CompileCounter, CompileCounterWithBackend], compiles: List[int]
+) -> Step:
+    """`step`, appending the counter's compilations so far after each call."""
+
+    def counted(tokens: Tensor, padding: Tensor) -> Tuple[Tensor, Tensor]:
+        result = step(tokens, padding)
+        compiles.append(counter.frame_count)
+        return result
+
+    return counted
+
+
+def assert_same_generation_and_cache(
+    actual: Tuple[Tensor, Tensor],
+    expected: Tuple[Tensor, Tensor],
+    model: GreedyDecoder,
+    eager: GreedyDecoder,
+) -> None:
+    """Same tokens, logits within float64's tolerance, and the same cache afterwards."""
+    assert torch.equal(actual[0], expected[0])
+    torch.testing.assert_close(actual[1], expected[1], **TOLERANCES[torch.float64])
+    torch.testing.assert_close(model.cache.key, eager.cache.key, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(model.cache.value, eager.cache.value, **TOLERANCES[torch.float64])
+    assert torch.equal(model.cache.seq_lens, eager.cache.seq_lens)
+
+
+def test_cached_decoding_step_compiles_once_with_inductor() -> None:
+    """torch.compile(fullgraph=True) with Inductor of a decoder that owns its key/value cache
+    (buffers the compiled graph writes): after a ragged prefill (eager), every single-token step
+    runs the one graph compiled at the first (entries at different lengths), and the tokens,
+    logits and cache equal eager's in float64."""
+    eager = randomize(GreedyDecoder()).double()
+    model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    compiles: List[int] = []
+    counted = counting_compiles(compiled, counter, compiles)
+    tokens, padding = padded_prompts()
+    expected = greedy_generation(eager, tokens, padding)
+    # The prefill runs the same module (and cache) eagerly: one Inductor compilation in all.
+    actual = greedy_generation(counted, tokens, padding, prefill=model)
+    assert compiles == [1] * (GENERATED - 1)
+    assert_same_generation_and_cache(actual, expected, model, eager)
+
+
+def test_whole_generation_compiles_once_per_step_shape() -> None:
+    """The prefill and every single-token step through one compiled module (fullgraph=True):
+    the prefill compiles a graph, the first single-token step another, and no later step
+    compiles again; the tokens, logits and cache equal eager's."""
+    eager = randomize(GreedyDecoder()).double()
+    model = copy.deepcopy(eager)
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    compiles: List[int] = []
+    tokens, padding = padded_prompts()
+    expected = greedy_generation(eager, tokens, padding)
+    actual = greedy_generation(counting_compiles(compiled, counter, compiles), tokens, padding)
+    assert compiles == [1] + [2] * (GENERATED - 1)
+    assert_same_generation_and_cache(actual, expected, model, eager)

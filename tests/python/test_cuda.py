@@ -16,6 +16,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from conftest import TOLERANCES
+from interchange_models import (
+    GENERATED,
+    GreedyDecoder,
+    greedy_generation,
+    padded_prompts,
+    randomize,
+)
 from torch import Tensor, nn
 from torch.export import Dim
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -334,3 +342,36 @@ def test_aoti_package_with_weights_needs_torchmha_exactly_when_it_names_it(
     )
     print(f"package names torchmha: {names_torchmha}; runs without it: {alone.returncode == 0}")
     assert (alone.returncode == 0) == (not names_torchmha), alone.stderr[-2000:]
+
+
+def test_cached_decoding_step_replays_one_cuda_graph() -> None:
+    """torch.compile(mode="reduce-overhead", fullgraph=True) of a decoder that owns its
+    key/value cache: after a ragged prefill (eager), every single-token step runs the one graph
+    compiled at the first, in CUDA graphs (none skipped: the cache's buffers are written in place
+    by the replays), and the tokens, logits and cache equal eager's in float64."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    eager = randomize(GreedyDecoder()).to(DEVICE, torch.float64)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    graphs: List[int] = []
+
+    def replayed_step(tokens: Tensor, padding: Tensor) -> Tuple[Tensor, Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        # A replay overwrites the previous one's outputs: keep copies.
+        next_tokens, logits = (output.clone() for output in compiled(tokens, padding))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return next_tokens, logits
+
+    tokens, padding = (tensor.to(DEVICE) for tensor in padded_prompts())
+    expected = greedy_generation(eager, tokens, padding)
+    actual = greedy_generation(replayed_step, tokens, padding, prefill=model)
+    assert graphs == [1] * (GENERATED - 1)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    assert torch.equal(actual[0], expected[0])
+    torch.testing.assert_close(actual[1], expected[1], **TOLERANCES[torch.float64])
+    for name in ("key", "value", "seq_lens"):
+        torch.testing.assert_close(
+            getattr(model.cache, name), getattr(eager.cache, name), **TOLERANCES[torch.float64]
+        )

@@ -1,15 +1,23 @@
 """torch.export: models using torchmha export, and the exported programs match eager."""
 
+import copy
+
 import torch
+from conftest import TOLERANCES
 from interchange_models import (
     EMBED_DIM,
+    MAX_SEQ_LEN,
     AttentionBlock,
     DecoderBlock,
+    GreedyDecoder,
     TextbookBlock,
     example_inputs,
+    greedy_generation,
+    padded_prompts,
     positions_of_length,
     randomize,
 )
+from torch import nn
 from torch.export import Dim
 
 
@@ -70,3 +78,39 @@ def test_decomposed_program_is_standard_aten_and_matches_eager() -> None:
     targets = [str(node.target) for node in decomposed.graph.nodes if node.op == "call_function"]
     assert not [target for target in targets if target.startswith("torchmha.")], targets
     torch.testing.assert_close(decomposed.module()(*args), model(*args))
+
+
+CACHE_BUFFERS = ["cache.key", "cache.seq_lens", "cache.value"]
+
+
+def empty_cache(module: nn.Module) -> None:
+    """Zeroes the cache's buffers (lengths, keys, values) of an exported program's module."""
+    buffers = dict(module.named_buffers())
+    for name in CACHE_BUFFERS:
+        buffers[name].zero_()
+
+
+def test_exported_decoder_owning_its_cache_generates_what_eager_generates() -> None:
+    """torch.export of a decoder that owns its key/value cache (buffers), one program for the
+    ragged prefill and the single-token steps (a dynamic length from 1): the greedy generations of
+    exported.module() and of the decomposed program's module equal eager's at every step, so the
+    cache's writes persist from call to call. The decomposed program lists the cache's buffers as
+    mutated (what AOTInductor compiles from)."""
+    eager = randomize(GreedyDecoder()).double()
+    exported_model = copy.deepcopy(eager)
+    tokens, padding = padded_prompts()
+    expected = greedy_generation(eager, tokens, padding)
+    length = Dim("length", min=1, max=MAX_SEQ_LEN)
+    with torch.no_grad():
+        program = torch.export.export(
+            exported_model, (tokens, padding), dynamic_shapes=({1: length}, {1: length})
+        )
+    decomposed = program.run_decompositions()
+    assert sorted(decomposed.graph_signature.buffers_to_mutate.values()) == CACHE_BUFFERS
+    for route, module in (("exported", program.module()), ("decomposed", decomposed.module())):
+        # The programs share the exported module's buffers: each route starts from empty.
+        empty_cache(module)
+        actual = greedy_generation(module, tokens, padding)
+        assert torch.equal(actual[0], expected[0]), route
+        torch.testing.assert_close(actual[1], expected[1], **TOLERANCES[torch.float64], msg=route)
+        assert torch.equal(dict(module.named_buffers())["cache.seq_lens"], eager.cache.seq_lens)

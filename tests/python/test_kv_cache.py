@@ -575,3 +575,36 @@ def test_torchscript_refuses_a_cache_rather_than_ignoring_it() -> None:
     with torch.no_grad(), pytest.raises(torch.jit.Error, match="`kv_cache` is not supported"):
         scripted(X, X, X, kv_cache=(cache.key, cache.value, cache.seq_lens))
     assert_bitwise_unchanged(cache, before)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_opcheck_of_a_step_with_a_cache(need_weights: bool) -> None:
+    """torch.library.opcheck of a prefill with a cache (ragged lengths, right padding, grouped
+    heads, rotary): the op writes only the arguments its schema marks mutable (`(a!)`), and its
+    fake-tensor and AOT-dispatch (functionalized, dynamic shapes) results equal eager's."""
+    attention, _ = make_pair("gqa-rope")
+    cache = attention.new_kv_cache(2, 8)
+    with torch.no_grad():
+        cache.key.normal_()
+        cache.value.normal_()
+        cache.seq_lens.copy_(torch.tensor([3, 1]))
+    tokens = torch.randn(2, 2, EMBED_DIM, dtype=F64)
+    in_proj = (attention.in_proj_weight.detach(), attention.in_proj_bias.detach(), None, None, None)
+    result = torch.library.opcheck(
+        torch.ops.torchmha.multi_head_attention.default,
+        (tokens, tokens, tokens, NUM_HEADS, *in_proj),
+        {
+            "out_proj_weight": attention.out_proj.weight.detach(),
+            "out_proj_bias": attention.out_proj.bias.detach(),
+            "key_padding_mask": torch.tensor([[False, False], [False, True]]),
+            "need_weights": need_weights,
+            "is_causal": True,
+            "batch_first": True,
+            "num_kv_heads": attention.num_kv_heads,
+            "rope_theta": attention.rope_theta,
+            "cache_key": cache.key,
+            "cache_value": cache.value,
+            "cache_lengths": cache.seq_lens,
+        },
+    )
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -156,6 +156,77 @@ TEST_F(MismatchedInputs, MissingInputIsAnError) {
   expect_rejected({torch::randn({2, 7, 16})}, "expected inputs vector size to be 2");
 }
 
+// `greedy_decoder.pt2`: a tiny decoder (embedding, causal self-attention with grouped key/value
+// heads, rotary embeddings and a key/value cache it owns as buffers, linear head, argmax), one
+// program for the prefill and the single-token steps. The package keeps the cache in the loader
+// and writes it in place at every run.
+class GreedyDecoderPackage : public ::testing::Test {
+ protected:
+  static torch::Tensor decoder_tensor(const std::string& name) {
+    return expected().at("decoder/" + name).toTensor();
+  }
+
+  // The greedy loop of the fixture script (interchange_models.greedy_generation) from its
+  // right-padded prompts: each step's chosen tokens must be Python's, and their logits too.
+  static void expect_pythons_generation(torch::inductor::AOTIModelPackageLoader& package) {
+    const auto wanted_tokens = decoder_tensor("tokens");
+    const auto wanted_logits = decoder_tensor("logits");
+    auto tokens = decoder_tensor("prompt_tokens");
+    auto padding = decoder_tensor("prompt_padding");
+    for (int64_t step = 0; step < wanted_tokens.size(1); ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      const auto outputs = package.run({tokens, padding});
+      ASSERT_EQ(outputs.size(), 2U);
+      EXPECT_TRUE(torch::equal(outputs[0], wanted_tokens.select(1, step)))
+          << outputs[0] << " instead of " << wanted_tokens.select(1, step);
+      expect_close(outputs[1], wanted_logits.select(1, step));
+      // The chosen tokens, one per entry, are the next step's input.
+      tokens = outputs[0].unsqueeze(1);
+      padding = torch::zeros_like(tokens, torch::kBool);
+    }
+  }
+};
+
+// From the second step on, a step is right only if the earlier steps' keys and values persisted
+// in the package's cache.
+TEST_F(GreedyDecoderPackage, GeneratesPythonsTokensAndLogitsStepByStep) {
+  auto package = load_package("greedy_decoder.pt2");
+  expect_pythons_generation(package);
+}
+
+// The cache lives in each loader: one that has generated leaves another, loaded from the same
+// file, with an empty cache.
+TEST_F(GreedyDecoderPackage, EachLoaderHasItsOwnCache) {
+  auto first = load_package("greedy_decoder.pt2");
+  expect_pythons_generation(first);
+  auto second = load_package("greedy_decoder.pt2");
+  expect_pythons_generation(second);
+}
+
+// The package has no Python to run the op's checks of the lengths' values; a step past the
+// cache's max_seq_len is still an error (the generated code checks its scatter's indices), never a
+// write out of bounds.
+TEST_F(GreedyDecoderPackage, StepPastMaxSeqLenIsAnError) {
+  auto package = load_package("greedy_decoder.pt2");
+  expect_pythons_generation(package);
+  // The first entry is the longest: after the generation it has this many positions left.
+  const int64_t max_seq_len = 16;  // interchange_models.MAX_SEQ_LEN
+  const int64_t left = max_seq_len - decoder_tensor("prompt_tokens").size(1) -
+                       (decoder_tensor("tokens").size(1) - 1);
+  const auto token = torch::zeros({2, 1}, torch::kLong);
+  const auto padding = torch::zeros({2, 1}, torch::kBool);
+  for (int64_t step = 0; step < left; ++step) {
+    package.run({token, padding});
+  }
+  try {
+    package.run({token, padding});
+    ADD_FAILURE() << "a step past max_seq_len ran";
+  } catch (const std::exception& error) {
+    EXPECT_NE(std::string(error.what()).find("index out of bounds"), std::string::npos)
+        << error.what();
+  }
+}
+
 TEST(MissingPackage, IsAnError) { EXPECT_THROW(load_package("no_such_package.pt2"), c10::Error); }
 
 }  // namespace

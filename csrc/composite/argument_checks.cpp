@@ -1,4 +1,5 @@
 // Every argument check of the op, with messages that name the argument and its shape.
+#include <ATen/ops/_assert_async.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
@@ -384,11 +385,30 @@ void check_cache_without_grad(const Arguments& args) {
 }
 
 // The data of the lengths and the padding, read on real tensors only (tracing cannot read them).
+// Traced steps (compile, export) cannot read the lengths: the graph checks them when it runs.
+void assert_cache_lengths_in_graph(const Arguments& args) {
+  const auto& lengths = *args.cache_lengths;
+  const c10::SymInt source_len = args.key.sym_size(args.sequence_dim());
+  const c10::SymInt max_seq_len = args.cache_key->sym_size(2);
+  const auto fits =
+      lengths.ge(0)
+          .logical_and(lengths.add(c10::Scalar(source_len)).le(c10::Scalar(max_seq_len)))
+          .all();
+  at::_assert_async(fits,
+                    "torchmha.multi_head_attention: the step would pass max_seq_len "
+                    "(`cache_key`'s dim 2) or `cache_lengths` is negative for an entry");
+}
+
 void check_cache_lengths_values(const Arguments& args) {
   const auto& lengths = *args.cache_lengths;
-  // Meta tensors have no values to read.
-  if (!is_concrete(lengths) || !is_concrete(args.query) || !is_concrete(*args.cache_key) ||
-      lengths.is_meta() || lengths.numel() == 0) {
+  if (lengths.is_meta()) {
+    return;  // meta tensors have no values to read
+  }
+  if (!is_concrete(lengths) || !is_concrete(args.query) || !is_concrete(*args.cache_key)) {
+    assert_cache_lengths_in_graph(args);
+    return;
+  }
+  if (lengths.numel() == 0) {
     return;
   }
   // The new keys are written, padding included, so all of them must fit.

@@ -563,6 +563,12 @@ def test_a_compiled_step_runs_a_whole_generation_from_one_graph() -> None:
             )
     assert cache.seq_lens.tolist() == [8, 8]
     assert counter.frame_count == 1
+    # The graph cannot read the lengths ahead as eager calls do; it asserts them as it runs.
+    before = snapshot(cache)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="the step would pass max_seq_len"):
+        decode(sequence[:, :1].clone())
+    assert_bitwise_unchanged(cache, before)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)` is deprecated")

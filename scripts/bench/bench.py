@@ -427,6 +427,12 @@ def bench_decode_case(args, shape, wanted):
 
     samples = {name: [] for name in steps}
     run_rounds(args, torch.device("cpu"), steps, calls, samples, torch.inference_mode)
+    # Where the step goes, for torchmha and the eager Python cache (the same ATen ops by hand).
+    breakdowns = {
+        name: decode_peers.step_breakdown(steps[name])
+        for name in ("torchmha", "sdpa_cache")
+        if name in steps
+    }
     traffic = decode_peers.step_bytes(case)
     return [
         {
@@ -452,6 +458,7 @@ def bench_decode_case(args, shape, wanted):
             "step_weight_bytes": traffic["weights"],
             "step_flops": decode_peers.step_flops(case),
             "step_activation_bytes": decode_peers.step_activation_bytes(case),
+            "profile_ms_per_step": breakdowns.get(name),
         }
         for name, values in samples.items()
     ]
@@ -615,6 +622,13 @@ def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: l
         table = report.gqa_summary_table(rows) + "\n\nEvery candidate:\n\n" + table
     elif suite == "decode":
         table = report.decode_summary_table(rows) + "\n\nEvery candidate:\n\n" + table
+        breakdown = report.decode_breakdown_table(rows)
+        if breakdown:
+            table += (
+                "\n\nWhere a step goes (torch.profiler, self CPU time of its ATen ops per step, "
+                "over 5 steps after the rounds; attention = the SDPA kernel, projections = the "
+                "GEMMs, cache writes = scatter_ / index_copy_):\n\n" + breakdown
+            )
     with open(os.path.join(out, name + ".md"), "w") as markdown:
         markdown.write(
             f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"

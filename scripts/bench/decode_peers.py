@@ -265,3 +265,31 @@ def step_activation_bytes(case: DecodeCase, itemsize: int = 4) -> int:
     kv_dim = case.kv_heads * case.head_dim
     per_token = 4 * case.embed + 3 * kv_dim + (case.heads + 1) * case.max_seq_len
     return case.batch * per_token * itemsize
+
+
+# torch.profiler's ATen ops, by the part of a step they do.
+_STEP_PARTS = (
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("projections", ("aten::mm", "aten::addmm")),
+    ("cache writes", ("aten::scatter_", "aten::index_copy_", "aten::index_put_")),
+)
+
+
+def step_breakdown(step: Callable[[], torch.Tensor], calls: int = 5) -> Dict[str, float]:
+    """Where a step's time goes: the self CPU time of its ATen ops per step (ms), by part
+    (attention kernel, projection GEMMs, cache writes, the rest), from torch.profiler over
+    ``calls`` steps after one untimed step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                step()
+    parts = {name: 0.0 for name, _ in _STEP_PARTS}
+    parts["rest"] = 0.0
+    for event in prof.key_averages():
+        part = next((n for n, keys in _STEP_PARTS if any(k in event.key for k in keys)), "rest")
+        parts[part] += event.self_cpu_time_total / 1e3 / calls
+    parts["total"] = sum(parts.values())
+    return parts

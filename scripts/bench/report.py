@@ -265,6 +265,24 @@ def decode_summary_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_breakdown_table(rows: List[dict]) -> str:
+    """Where each profiled step goes: self CPU ms per step of its ATen ops, by part."""
+    parts = ("attention", "projections", "cache writes", "rest", "total")
+    lines = [
+        "| (B, prompt, E, H, KV) | candidate | " + " | ".join(f"{p} ms" for p in parts) + " |",
+        "|---|---|" + "---:|" * len(parts),
+    ]
+    for row in rows:
+        profiled = row.get("profile_ms_per_step")
+        if profiled:
+            lines.append(
+                f"| {_shape_text(row)} | {row['candidate']} | "
+                + " | ".join(f"{profiled[p]:.3f}" for p in parts)
+                + " |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _find(rows, candidate, mode, shape, dtype):
     for row in rows:
         if (row["candidate"], row["mode"], row["shape"], row["dtype"]) == (

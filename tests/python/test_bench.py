@@ -316,6 +316,21 @@ def test_decode_report_states_method_versions_and_goals(decode_quick_run):
     assert "Grouped-query" not in goals and "Goals, as measured" in stdout
 
 
+def test_decode_profile_says_where_the_step_goes(decode_quick_run):
+    """torchmha's step and the eager Python cache's are profiled by part (attention kernel,
+    projection GEMMs, cache writes, the rest), and the report shows it."""
+    report, markdown, _ = decode_quick_run
+    rows = {row["candidate"]: row for row in report["rows"]}
+    for name in ("torchmha", "sdpa_cache"):
+        parts = rows[name]["profile_ms_per_step"]
+        assert parts["attention"] > 0 and parts["projections"] > 0 and parts["cache writes"] > 0
+        assert parts["total"] == pytest.approx(
+            sum(parts[p] for p in ("attention", "projections", "cache writes", "rest"))
+        )
+    assert rows["llama_static"]["profile_ms_per_step"] is None
+    assert "Where a step goes" in markdown
+
+
 def test_decode_report_from_saved_timings_reproduces_the_report(decode_quick_run, tmp_path):
     report, markdown, _ = decode_quick_run
     saved = tmp_path / "again.json"

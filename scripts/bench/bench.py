@@ -821,9 +821,10 @@ def _decode_header(machine: dict, peaks: dict, args) -> str:
         "step's peak resident set above the resident size before the call (cache, weights and "
         "prompt already held), in a fresh process per case and candidate in which glibc serves "
         "every allocation above 64 KiB by its own mapping (MALLOC_MMAP_THRESHOLD_=65536; peak "
-        "reset through /proc/self/clear_refs); one step's activations = 4 bytes x (the new "
-        "tokens' q, k, v, rotated q and k, attention output and output projection, plus one score "
-        "and one mask value per query head and slot)."
+        "reset through /proc/self/clear_refs; below about 100 KiB it reads 0 or less than was "
+        "allocated: a fresh 128 KiB tensor reads 48 KiB); one step's activations = 4 bytes x "
+        "(the new tokens' q, k, v, rotated q and k, attention output and output projection, plus "
+        "one score and one mask value per query head and slot)."
     )
 
 

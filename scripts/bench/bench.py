@@ -554,6 +554,10 @@ def main() -> int:
         "decode": decode_peers.DECODE_DESCRIPTIONS,
     }.get(args.suite, peers.DESCRIPTIONS)
     wanted = set(args.candidates.split(",") if args.candidates else every)
+    if decode and args.quick and not args.candidates:
+        # One compilation fewer in the smoke run (seconds): torchmha's own compiled decoding is
+        # tested on its own (tests/python/test_kv_cache.py).
+        wanted.discard("torchmha_compiled")
     if not gqa and not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
         print(
             f"bench: {args.cpp_bench} not built; the C++ candidates are left out "

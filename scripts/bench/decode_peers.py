@@ -21,6 +21,7 @@ import torchmha
 DECODE_DESCRIPTIONS = {
     "torchmha": "torchmha.MultiHeadAttention(num_kv_heads, rope_theta) with torchmha.KVCache, "
     "need_weights=False, is_causal=True",
+    "torchmha_compiled": "the same under torch.compile(fullgraph=True)",
     "torch_mha_recompute": "torch.nn.MultiheadAttention (16 kv heads, no rotary: what it offers) "
     "over prompt + new token each step, causal, need_weights=False",
     "sdpa_cache": "Python: nn.Linear q/k/v/o, rotate-half rotary from precomputed tables, static "
@@ -101,7 +102,10 @@ class SdpaStaticCacheAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, embed))
 
 
-def _torchmha_candidate(case: DecodeCase, state: Dict[str, torch.Tensor]) -> DecodeCandidate:
+def _torchmha_candidate(
+    case: DecodeCase, state: Dict[str, torch.Tensor], name: str
+) -> DecodeCandidate:
+    """torchmha with its own KVCache, eager or (``torchmha_compiled``) the module compiled."""
     ours = torchmha.MultiHeadAttention(
         case.embed,
         case.heads,
@@ -114,13 +118,14 @@ def _torchmha_candidate(case: DecodeCase, state: Dict[str, torch.Tensor]) -> Dec
     cache = ours.new_kv_cache(case.batch, case.max_seq_len)
     with torch.inference_mode():
         ours(*(case.prompt_tokens,) * 3, kv_cache=cache, is_causal=True, need_weights=False)
+    forward = torch.compile(ours, fullgraph=True) if name == "torchmha_compiled" else ours
     x = case.new_token
 
     def step():
         cache.seq_lens.fill_(case.prompt)  # rewind: every call decodes the same position
-        return ours(x, x, x, kv_cache=cache, is_causal=True, need_weights=False)[0]
+        return forward(x, x, x, kv_cache=cache, is_causal=True, need_weights=False)[0]
 
-    return DecodeCandidate("torchmha", DECODE_DESCRIPTIONS["torchmha"], step, (ours, cache))
+    return DecodeCandidate(name, DECODE_DESCRIPTIONS[name], step, (ours, cache))
 
 
 def _torch_mha_candidate(case: DecodeCase) -> DecodeCandidate:
@@ -208,8 +213,9 @@ def decode_candidates(case: DecodeCase, wanted) -> Dict[str, DecodeCandidate]:
     weights_source = SdpaStaticCacheAttention(case)
     state = {k: v for k, v in weights_source.state_dict().items() if k.endswith("proj.weight")}
     candidates = []
-    if "torchmha" in wanted:
-        candidates.append(_torchmha_candidate(case, state))
+    for name in ("torchmha", "torchmha_compiled"):
+        if name in wanted:
+            candidates.append(_torchmha_candidate(case, state, name))
     if "torch_mha_recompute" in wanted:
         candidates.append(_torch_mha_candidate(case))
     if "sdpa_cache" in wanted or "sdpa_cache_compiled" in wanted:

@@ -170,6 +170,7 @@ def gqa_summary_table(rows: List[dict]) -> str:
 DECODE_REFERENCE = "torchmha"
 DECODE_COLUMNS = (
     "torchmha",
+    "torchmha_compiled",
     "torch_mha_recompute",
     "sdpa_cache",
     "sdpa_cache_compiled",

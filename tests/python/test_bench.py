@@ -231,6 +231,7 @@ def test_gqa_memory_goal_compares_torchmha_with_the_lowest_peer():
     assert "NOT met" in line and "inference: 0.90x" in line and "training: 1.00x" in line, line
 
 
+# The quick run leaves out torchmha_compiled (one compilation fewer).
 DECODE_CANDIDATES = {
     "torchmha",
     "torch_mha_recompute",

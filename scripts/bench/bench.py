@@ -55,6 +55,7 @@ GQA_QUICK_SHAPES = [(2, 8, 32, 4, 2)]
 # Decoding shapes: (batch, prompt = cache length at the step, embed, heads, kv_heads).
 DECODE_CPU_SHAPES = [(1, 512, 1024, 16, 4), (8, 512, 1024, 16, 4)]
 DECODE_CPU_SHAPES += [(1, 2048, 1024, 16, 4), (8, 2048, 1024, 16, 4)]
+DECODE_CPU_SHAPES += [(1, 512, 2048, 16, 4), (1, 2048, 2048, 16, 4)]
 DECODE_QUICK_SHAPES = [(2, 16, 32, 4, 2)]
 CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
 # glibc: serve every allocation above 64 KiB by its own mapping, returned on free.

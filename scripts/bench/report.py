@@ -323,8 +323,9 @@ def goals(
     """The performance goals of ``table`` (goals.json when None) that apply to ``device`` and to
     the benchmark ``suite`` (a goal's ``suite``, "mha" when absent), each stated with what was
     measured (never asserted), and with the ratio's bound at the GEMM peak (``peak_bound``)."""
+    # The shape last: cases of equal size come in one order however the rows were gathered.
     cases = sorted(
-        {(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2])
+        {(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2], c[1])
     )
     measure = {
         "x_torch": _x_torch_goal,

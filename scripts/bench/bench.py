@@ -11,11 +11,17 @@ The grouped-query suite (--suite gqa) times torchmha with num_kv_heads and rope_
 self-attention, need_weights=False) against the same block written in Python on SDPA with
 enable_gqa and against transformers' LlamaAttention (eager and SDPA), on the same weights.
 
+The decoding suite (--suite decode) times one generated token of that attention with a key/value
+cache: torchmha with torchmha.KVCache against nn.MultiheadAttention recomputing the whole prefix,
+a static cache in Python on SDPA (eager and compiled) and LlamaAttention with StaticCache; it
+measures the machine's copy bandwidth in the same run.
+
 Usage:
   scripts/bench/bench.py                 # CPU, float32, the CPU shapes
   scripts/bench/bench.py --device cuda   # GPU, bfloat16 and float32, the GPU shapes
   scripts/bench/bench.py --quick         # a tiny smoke run
   scripts/bench/bench.py --suite gqa     # grouped-query attention with rotary embeddings
+  scripts/bench/bench.py --suite decode  # one decoding step with a key/value cache
 Writes <out>/<name>.json, .md and .png (the plot needs matplotlib).
 """
 
@@ -28,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 
-import peers  # this folder is on sys.path when the script runs
+import decode_peers  # this folder is on sys.path when the script runs
+import peers
 import report
 import timing
 import torch
@@ -45,6 +52,11 @@ QUICK_SHAPES = [(2, 8, 32, 4)]
 GQA_CPU_SHAPES = [(8, 512, 1024, 16, 4), (1, 2048, 2048, 32, 8)]
 GQA_GPU_SHAPES = GQA_CPU_SHAPES + [(4, 4096, 2048, 16, 4), (2, 8192, 4096, 32, 8)]
 GQA_QUICK_SHAPES = [(2, 8, 32, 4, 2)]
+# Decoding shapes: (batch, prompt = cache length at the step, embed, heads, kv_heads).
+DECODE_CPU_SHAPES = [(1, 512, 1024, 16, 4), (8, 512, 1024, 16, 4)]
+DECODE_CPU_SHAPES += [(1, 2048, 1024, 16, 4), (8, 2048, 1024, 16, 4)]
+DECODE_CPU_SHAPES += [(1, 512, 2048, 16, 4), (1, 2048, 2048, 16, 4)]
+DECODE_QUICK_SHAPES = [(2, 16, 32, 4, 2)]
 CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
 # glibc: serve every allocation above 64 KiB by its own mapping, returned on free.
 MEMORY_PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -56,12 +68,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--suite",
         default="mha",
-        choices=["mha", "gqa"],
+        choices=["mha", "gqa", "decode"],
         help="mha: torchmha against nn.MultiheadAttention and the other MHA peers; gqa: "
-        "grouped-query attention with rotary embeddings against its Python and Llama peers",
+        "grouped-query attention with rotary embeddings against its Python and Llama peers; "
+        "decode: one generated token with a key/value cache (CPU)",
     )
     parser.add_argument(
-        "--rope-theta", type=float, default=10000.0, help="rotary base of the gqa suite"
+        "--decode-room",
+        type=int,
+        default=128,
+        help="decode suite: cache slots beyond the prompt (max_seq_len = prompt + this)",
+    )
+    parser.add_argument(
+        "--rope-theta", type=float, default=10000.0, help="rotary base of the gqa and decode suites"
     )
     parser.add_argument(
         "--dtypes", help="comma-separated (default: float32 on CPU, bfloat16,float32 on CUDA)"
@@ -69,7 +88,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--shapes",
         nargs="*",
-        help="B,L,E,H each, B,L,E,H,KV in the gqa suite (default: the device's)",
+        help="B,L,E,H each, B,L,E,H,KV in the gqa suite, B,PROMPT,E,H,KV in the decode suite "
+        "(default: the device's)",
     )
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--candidates", help="comma-separated subset (default: all)")
@@ -98,7 +118,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-probe", metavar="DTYPE,B,L,E,H[,KV],MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        quick = GQA_QUICK_SHAPES if args.suite == "gqa" else QUICK_SHAPES
+        quick = {"gqa": GQA_QUICK_SHAPES, "decode": DECODE_QUICK_SHAPES}.get(
+            args.suite, QUICK_SHAPES
+        )
         args.shapes = args.shapes or [",".join(map(str, s)) for s in quick]
         args.rounds, args.target_ms = 2, 5.0
     return args
@@ -150,13 +172,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def probe_cpu_memory(dtype_name, shape, mode, wanted, suite="mha", rope_theta=10000.0):
+def probe_cpu_memory(
+    dtype_name, shape, mode, wanted, suite="mha", rope_theta=10000.0, decode_room=128
+):
     """Peak memory of one call of each Python candidate, from a fresh process in which every
     allocation above 64 KiB is its own mapping, so the resident set follows what is allocated."""
     probe = ",".join([dtype_name, *map(str, shape), mode])
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe", probe]
     command += ["--candidates", ",".join(wanted), "--threads", str(torch.get_num_threads())]
     command += ["--suite", suite, "--rope-theta", str(rope_theta)]
+    command += ["--decode-room", str(decode_room)]
     result = subprocess.run(command, capture_output=True, text=True, env=MEMORY_PROBE_ENV)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
@@ -363,6 +388,104 @@ def bench_gqa_case(args, device, dtype_name, shape, mode, wanted):
     ]
 
 
+def bench_decode_case(args, shape, wanted):
+    """One decoding step of every candidate on one (batch, prompt, embed, heads, kv_heads), float32
+    on the CPU, in inference: a list of result rows. Each row also records how far the
+    candidate's output lies from torchmha's (same weights, same prompt), the bytes a step reads and
+    its FLOPs, and the cache's size."""
+    batch, prompt, embed, heads, kv_heads = shape
+    torch.manual_seed(0)
+    case = decode_peers.DecodeCase(
+        batch,
+        prompt,
+        embed,
+        heads,
+        kv_heads,
+        max_seq_len=prompt + args.decode_room,
+        rope_theta=args.rope_theta,
+        prompt_tokens=torch.randn(batch, prompt, embed),
+        new_token=torch.randn(batch, 1, embed),
+    )
+    candidates = decode_peers.decode_candidates(case, wanted)
+    label = f"float32 {shape} decode"
+    steps, calls, peaks = prepare_steps(
+        candidates, False, torch.device("cpu"), args.target_ms, label
+    )
+    if args.memory_probe:
+        with torch.inference_mode():
+            cpu = torch.device("cpu")
+            return {name: timing.peak_memory_bytes(step, cpu) for name, step in steps.items()}
+    if args.quick:
+        # In this process: a probe would pay the imports and the compilation again (seconds),
+        # and a tiny step's peak reads 0 either way.
+        with torch.inference_mode():
+            cpu = torch.device("cpu")
+            peaks.update({name: timing.peak_memory_bytes(s, cpu) for name, s in steps.items()})
+    else:
+        for name in sorted(steps):
+            peaks.update(_probe_decode_memory(args, shape, [name]))
+    differences = decode_differences(candidates, steps)
+
+    samples = {name: [] for name in steps}
+    run_rounds(args, torch.device("cpu"), steps, calls, samples, torch.inference_mode)
+    # Where the step goes, for torchmha and the eager Python cache (the same ATen ops by hand).
+    breakdowns = {
+        name: decode_peers.step_breakdown(steps[name])
+        for name in ("torchmha", "sdpa_cache")
+        if name in steps
+    }
+    traffic = decode_peers.step_bytes(case)
+    return [
+        {
+            "dtype": "float32",
+            "batch": batch,
+            "prompt": prompt,
+            "seq": prompt,
+            "embed": embed,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "max_seq_len": case.max_seq_len,
+            "shape": shape,
+            "case": ("float32", shape, "inference"),
+            "mode": "inference",
+            "candidate": name,
+            "description": decode_peers.DECODE_DESCRIPTIONS[name],
+            "median_ms": timing.median(values),
+            "samples_ms": values,
+            "timed_in_rounds": True,
+            "peak_bytes": peaks.get(name),
+            "max_abs_diff_vs_torchmha": differences.get(name),
+            "step_cache_bytes": traffic["cache"],
+            "step_weight_bytes": traffic["weights"],
+            "step_flops": decode_peers.step_flops(case),
+            "step_activation_bytes": decode_peers.step_activation_bytes(case),
+            "profile_ms_per_step": breakdowns.get(name),
+        }
+        for name, values in samples.items()
+    ]
+
+
+def _probe_decode_memory(args, shape, names):
+    return probe_cpu_memory(
+        "float32", shape, "inference", names, "decode", args.rope_theta, args.decode_room
+    )
+
+
+def decode_differences(candidates, steps):
+    """Largest absolute difference of each cached candidate's step output from torchmha's (the
+    steps rewind their caches, so each computes the same token); None for nn.MultiheadAttention,
+    which computes another function (every head its own keys, no rotation)."""
+    if "torchmha" not in steps:
+        return {}
+    with torch.inference_mode():
+        ours = steps["torchmha"]()
+        return {
+            name: (step() - ours).abs().max().item()
+            for name, step in steps.items()
+            if candidates[name].same_function
+        }
+
+
 def output_differences(candidates, steps):
     """Largest absolute difference of each candidate's output from torchmha's, one forward each:
     the peers compute the same function on the same weights, or the comparison means nothing."""
@@ -388,6 +511,9 @@ def main() -> int:
         wanted = set(args.candidates.split(",")) - set(CPP_CANDIDATES)
         args.target_ms = 1.0
         shape = tuple(map(int, sizes))
+        if args.suite == "decode":
+            print(json.dumps(bench_decode_case(args, shape, wanted)))
+            return 0
         if args.suite == "gqa":
             print(json.dumps(bench_gqa_case(args, device, dtype_name, shape, mode, wanted)))
             return 0
@@ -398,26 +524,41 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if args.suite == "decode" and (device.type != "cpu" or args.dtypes not in (None, "float32")):
+        print("bench: the decode suite runs on the CPU in float32", file=sys.stderr)
+        return 2
     dtypes = (args.dtypes or ("bfloat16,float32" if device.type == "cuda" else "float32")).split(
         ","
     )
     gqa = args.suite == "gqa"
+    decode = args.suite == "decode"
     default_shapes = {
         ("mha", "cpu"): CPU_SHAPES,
         ("mha", "cuda"): GPU_SHAPES,
         ("gqa", "cpu"): GQA_CPU_SHAPES,
         ("gqa", "cuda"): GQA_GPU_SHAPES,
+        ("decode", "cpu"): DECODE_CPU_SHAPES,
     }[args.suite, device.type]
     shapes = (
         [tuple(int(v) for v in s.split(",")) for s in args.shapes]
         if args.shapes
         else default_shapes
     )
-    if any(len(shape) != (5 if gqa else 4) for shape in shapes):
-        print(f"bench: --shapes takes {'B,L,E,H,KV' if gqa else 'B,L,E,H'} each", file=sys.stderr)
+    if any(len(shape) != (5 if gqa or decode else 4) for shape in shapes):
+        form = {"gqa": "B,L,E,H,KV", "decode": "B,PROMPT,E,H,KV"}.get(args.suite, "B,L,E,H")
+        print(f"bench: --shapes takes {form} each", file=sys.stderr)
         return 2
-    every = peers.GQA_DESCRIPTIONS if gqa else peers.DESCRIPTIONS
+    if decode:
+        args.modes = "inference"
+    every = {
+        "gqa": peers.GQA_DESCRIPTIONS,
+        "decode": decode_peers.DECODE_DESCRIPTIONS,
+    }.get(args.suite, peers.DESCRIPTIONS)
     wanted = set(args.candidates.split(",") if args.candidates else every)
+    if decode and args.quick and not args.candidates:
+        # One compilation fewer in the smoke run (seconds): torchmha's own compiled decoding is
+        # tested on its own (tests/python/test_kv_cache.py).
+        wanted.discard("torchmha_compiled")
     if not gqa and not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
         print(
             f"bench: {args.cpp_bench} not built; the C++ candidates are left out "
@@ -425,36 +566,52 @@ def main() -> int:
         )
 
     machine = machine_description(device)
+    # The decode suite's smoke run measures the machine on small tensors: seconds count there.
+    small = decode and args.quick
+    gemm = {"rounds": 2, "size": 512} if small else {}
+    copy = {"rounds": 2, "megabytes": 16} if small else {}
     peaks = {}
     for dtype_name in dtypes:
-        peaks[dtype_name] = timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
+        peaks[dtype_name] = timing.gemm_peak_tflops(device, getattr(torch, dtype_name), **gemm)
     print(json.dumps(machine))
     print("GEMM peak (TFLOP/s): " + ", ".join(f"{d} {p:.3f}" for d, p in peaks.items()), flush=True)
+    if decode:
+        machine["copy_megabytes"] = copy.get("megabytes", 256)
+        machine["memory_bandwidth_bytes_per_s"] = decode_peers.memory_bandwidth(**copy)
+        print(
+            f"copy bandwidth: {machine['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", flush=True
+        )
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for dtype_name in dtypes:
             for shape in shapes:
                 for mode in args.modes.split(","):
-                    if gqa:
+                    if decode:
+                        case_rows = bench_decode_case(args, shape, wanted)
+                    elif gqa:
                         case_rows = bench_gqa_case(args, device, dtype_name, shape, mode, wanted)
                     else:
                         case_rows = bench_case(
                             args, device, dtype_name, shape, mode, wanted, workdir
                         )
-                    _add_ratios(args.suite, case_rows, peaks[dtype_name])
+                    _add_ratios(args.suite, case_rows, peaks[dtype_name], machine)
                     print(_table(args.suite, case_rows).split("\n", 2)[2], flush=True)
                     rows.extend(case_rows)
     # The peak again at the end; the better of the two is the machine's.
     for dtype_name in dtypes:
         peaks[dtype_name] = max(
-            peaks[dtype_name], timing.gemm_peak_tflops(device, getattr(torch, dtype_name))
+            peaks[dtype_name], timing.gemm_peak_tflops(device, getattr(torch, dtype_name), **gemm)
         )
-    _add_ratios_per_dtype(args.suite, rows, peaks)
+    if decode:
+        # The bandwidth again at the end; the better of the two is the machine's.
+        machine["memory_bandwidth_bytes_per_s"] = max(
+            machine["memory_bandwidth_bytes_per_s"], decode_peers.memory_bandwidth(**copy)
+        )
+    _add_ratios_per_dtype(args.suite, rows, peaks, machine)
 
-    name = args.name or (
-        ("quick" if args.quick else _default_name(device, machine)) + ("-gqa" if gqa else "")
-    )
+    suffix = {"gqa": "-gqa", "decode": "-decode"}.get(args.suite, "")
+    name = args.name or ("quick" if args.quick else _default_name(device, machine)) + suffix
     write_results(args.out, name, machine, peaks, args, rows)
     return 0
 
@@ -468,6 +625,15 @@ def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: l
     table = _table(suite, rows)
     if suite == "gqa":
         table = report.gqa_summary_table(rows) + "\n\nEvery candidate:\n\n" + table
+    elif suite == "decode":
+        table = report.decode_summary_table(rows) + "\n\nEvery candidate:\n\n" + table
+        breakdown = report.decode_breakdown_table(rows)
+        if breakdown:
+            table += (
+                "\n\nWhere a step goes (torch.profiler, self CPU time of its ATen ops per step, "
+                "over 5 steps after the rounds; attention = the SDPA kernel, projections = the "
+                "GEMMs, cache writes = scatter_ / index_copy_):\n\n" + breakdown
+            )
     with open(os.path.join(out, name + ".md"), "w") as markdown:
         markdown.write(
             f"# Benchmark: {name}\n\n{header}\n\n{table}\n\n## Goals, as measured\n\n"
@@ -512,7 +678,7 @@ def rereport(results_path: str) -> int:
             not (settings.device == "cuda" and row["candidate"] in CPP_CANDIDATES),
         )
         rows.append(row)
-    _add_ratios_per_dtype(settings.suite, rows, saved["gemm_peak_tflops"])
+    _add_ratios_per_dtype(settings.suite, rows, saved["gemm_peak_tflops"], saved["machine"])
     out, file_name = os.path.split(os.path.splitext(results_path)[0])
     write_results(out, file_name, saved["machine"], saved["gemm_peak_tflops"], settings, rows)
     return 0
@@ -534,24 +700,29 @@ def replot(results_path: str) -> int:
     return 0
 
 
-def _add_ratios_per_dtype(suite: str, rows: list, peaks: dict) -> None:
+def _add_ratios_per_dtype(suite: str, rows: list, peaks: dict, machine: dict) -> None:
     for dtype_name, peak in peaks.items():
-        _add_ratios(suite, [r for r in rows if r["dtype"] == dtype_name], peak)
+        _add_ratios(suite, [r for r in rows if r["dtype"] == dtype_name], peak, machine)
 
 
-def _add_ratios(suite: str, rows: list, gemm_peak_tflops: float) -> None:
-    if suite == "gqa":
+def _add_ratios(suite: str, rows: list, gemm_peak_tflops: float, machine: dict) -> None:
+    if suite == "decode":
+        bandwidth = machine["memory_bandwidth_bytes_per_s"]
+        report.add_decode_ratios(rows, gemm_peak_tflops, bandwidth)
+    elif suite == "gqa":
         report.add_gqa_ratios(rows, peers.GQA_PEERS, gemm_peak_tflops)
     else:
         report.add_ratios(rows, _weights_candidates(), gemm_peak_tflops)
 
 
 def _table(suite: str, rows: list) -> str:
+    if suite == "decode":
+        return report.decode_markdown_table(rows)
     return report.gqa_markdown_table(rows) if suite == "gqa" else report.markdown_table(rows)
 
 
 def _ratio_key(suite: str) -> str:
-    return "x_fastest_peer" if suite == "gqa" else "x_torch"
+    return {"gqa": "x_fastest_peer", "decode": "torchmha_speedup"}.get(suite, "x_torch")
 
 
 def _weights_candidates() -> set:
@@ -567,6 +738,8 @@ def _default_name(device: torch.device, machine: dict) -> str:
 def _header(machine: dict, peaks: dict, args) -> str:
     if getattr(args, "suite", "mha") == "gqa":
         return _gqa_header(machine, peaks, args)
+    if getattr(args, "suite", "mha") == "decode":
+        return _decode_header(machine, peaks, args)
     where = machine.get("gpu") or machine["cpu"]
     return (
         f"Machine: {where}; {machine['threads']} CPU threads; torch {machine['torch']}; "
@@ -624,6 +797,39 @@ def _gqa_header(machine: dict, peaks: dict, args) -> str:
         + ". Max diff: the largest absolute difference of the candidate's output from "
         "torchmha's. % GEMM peak counts the four projections and half of the two attention "
         "products (causal)."
+    )
+
+
+def _decode_header(machine: dict, peaks: dict, args) -> str:
+    bandwidth = machine["memory_bandwidth_bytes_per_s"] / 1e9
+    return (
+        _machine_line(machine, peaks, args) + f" Measured copy bandwidth: {bandwidth:.1f} GB/s (a "
+        f"{machine.get('copy_megabytes', 256)} MiB float32 tensor copied into another, bytes read "
+        "plus written over the time, best of several copies, at the start and at the end of the "
+        f"run; the larger). Median of {args.rounds} rounds.\n\n"
+        "One generated token (a single-token step), float32, inference mode, need_weights=False: "
+        "grouped-query causal self-attention, rotary embeddings (theta "
+        f"{args.rope_theta:g}, rotate-half), no biases, batch-first, on the same q/k/v/o_proj "
+        "weights. Every cached candidate holds the same prompt in a static cache of max_seq_len "
+        f"= prompt + {args.decode_room} slots and decodes position `prompt` in every call (its "
+        "length rewound before the call: a StaticCache's cumulative_length, a KVCache's seq_lens; "
+        "the Python cache takes input_pos), attending over all max_seq_len slots under a mask. "
+        "torch_mha_recompute is torch.nn.MultiheadAttention over prompt + 1 tokens (causal mask, "
+        "is_causal=True) per generated token, as its users decode today: every head has its own "
+        "keys and no rotation (another function, so no max diff). Speedup = the candidate's "
+        "median time over torchmha's; 'rounds' in the goals gives the same ratio taken round by "
+        "round. Bytes per step = the keys and values of every slot (B x KV x max_seq_len x "
+        "head_dim x 2 x 4 bytes) plus the four projection weights; GB/s = those bytes over the "
+        "step's time, % bw = that over the measured copy bandwidth; 'bytes dominate' where those "
+        "bytes at the copy bandwidth take longer than the step's FLOPs (projections of one token "
+        "and both attention products over every slot) at the measured GEMM peak. Peak KiB: one "
+        "step's peak resident set above the resident size before the call (cache, weights and "
+        "prompt already held), in a fresh process per case and candidate in which glibc serves "
+        "every allocation above 64 KiB by its own mapping (MALLOC_MMAP_THRESHOLD_=65536; peak "
+        "reset through /proc/self/clear_refs; below about 100 KiB it reads 0 or less than was "
+        "allocated: a fresh 128 KiB tensor reads 48 KiB); one step's activations = 4 bytes x "
+        "(the new tokens' q, k, v, rotated q and k, attention output and output projection, plus "
+        "one score and one mask value per query head and slot)."
     )
 
 

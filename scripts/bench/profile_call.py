@@ -10,12 +10,19 @@ candidates (``--shape B,L,E,H,KV``, causal, rotary), e.g.
 
     python scripts/bench/profile_call.py --suite gqa --shape 1,2048,2048,32,8 --mode training \
         --candidates torchmha,sdpa_gqa,llama_sdpa
+
+``--suite decode`` profiles one decoding step of the decoding candidates (``--shape
+B,PROMPT,E,H,KV``, inference, each cache prefilled with the prompt), e.g.
+
+    python scripts/bench/profile_call.py --suite decode --shape 8,2048,1024,16,4 \
+        --candidates torchmha,sdpa_cache,llama_static
 """
 
 import argparse
 import sys
 
-import peers  # this folder is on sys.path when the script runs
+import decode_peers  # this folder is on sys.path when the script runs
+import peers
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -24,9 +31,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--suite", default="mha", choices=["mha", "gqa"])
-    parser.add_argument("--shape", default="32,128,512,8", help="B,L,E,H (gqa: B,L,E,H,KV)")
-    parser.add_argument("--rope-theta", type=float, default=10000.0, help="rotary base (gqa)")
+    parser.add_argument("--suite", default="mha", choices=["mha", "gqa", "decode"])
+    parser.add_argument(
+        "--shape", default="32,128,512,8", help="B,L,E,H (gqa: B,L,E,H,KV; decode: B,PROMPT,E,H,KV)"
+    )
+    parser.add_argument(
+        "--rope-theta", type=float, default=10000.0, help="rotary base (gqa, decode)"
+    )
+    parser.add_argument(
+        "--decode-room", type=int, default=128, help="decode: cache slots beyond the prompt"
+    )
     parser.add_argument("--mode", default="inference", choices=["inference", "training"])
     parser.add_argument("--candidates", default="torchmha_weights,torch_mha_weights")
     parser.add_argument("--rows", type=int, default=12, help="table rows per candidate")
@@ -40,7 +54,20 @@ def main() -> int:
     batch, seq, embed, heads, *kv_heads = map(int, args.shape.split(","))
     torch.manual_seed(0)
     x = torch.randn(batch, seq, embed, device=device, dtype=dtype)
-    if args.suite == "gqa":
+    if args.suite == "decode":
+        case = decode_peers.DecodeCase(
+            batch,
+            seq,
+            embed,
+            heads,
+            *kv_heads,
+            max_seq_len=seq + args.decode_room,
+            rope_theta=args.rope_theta,
+            prompt_tokens=x,
+            new_token=torch.randn(batch, 1, embed, device=device, dtype=dtype),
+        )
+        candidates = decode_peers.decode_candidates(case, set(args.candidates.split(",")))
+    elif args.suite == "gqa":
         candidates = peers.gqa_candidates(embed, heads, *kv_heads, args.rope_theta, x)
     else:
         state = torch.nn.MultiheadAttention(embed, heads, batch_first=True).state_dict()

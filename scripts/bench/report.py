@@ -167,6 +167,123 @@ def gqa_summary_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+DECODE_REFERENCE = "torchmha"
+DECODE_COLUMNS = (
+    "torchmha",
+    "torchmha_compiled",
+    "torch_mha_recompute",
+    "sdpa_cache",
+    "sdpa_cache_compiled",
+    "llama_static",
+)
+
+
+def add_decode_ratios(rows: List[dict], gemm_peak_tflops: float, bandwidth: float) -> None:
+    """Adds, per row of the decoding suite: the candidate's median time over torchmha's
+    (``torchmha_speedup``, with the same ratio round by round), the bytes a step reads over its
+    time (``bytes_per_s``) and as a fraction of the measured copy ``bandwidth``, whether those bytes
+    at that bandwidth take longer than the step's FLOPs at the GEMM peak (``bytes_dominate``), and
+    the achieved fraction of the GEMM peak."""
+    by_case: Dict[tuple, Dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["candidate"]] = row
+    for case in by_case.values():
+        ours = case.get(DECODE_REFERENCE)
+        for row in case.values():
+            seconds = row["median_ms"] / 1e3
+            step_bytes = row["step_cache_bytes"] + row["step_weight_bytes"]
+            row["torchmha_speedup"] = row["median_ms"] / ours["median_ms"] if ours else None
+            row["torchmha_speedup_rounds"] = (
+                _round_ratios(row["samples_ms"], ours["samples_ms"]) if ours else None
+            )
+            row["bytes_per_s"] = step_bytes / seconds
+            row["fraction_of_bandwidth"] = row["bytes_per_s"] / bandwidth
+            row["bytes_dominate"] = step_bytes / bandwidth > row["step_flops"] / (
+                gemm_peak_tflops * 1e12
+            )
+            row["tflops"] = row["step_flops"] / seconds / 1e12
+            row["fraction_of_gemm_peak"] = row["tflops"] / gemm_peak_tflops
+
+
+def _shape_text(row: dict) -> str:
+    return ", ".join(str(v) for v in row["shape"])
+
+
+def decode_markdown_table(rows: List[dict]) -> str:
+    lines = [
+        "| (B, prompt, E, H, KV) | max_seq_len | candidate | median ms | speedup of torchmha "
+        "| GB/s | % bw | % GEMM peak | peak KiB | max diff |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        peak = row.get("peak_bytes")
+        lines.append(
+            f"| {_shape_text(row)} | {row['max_seq_len']} | {row['candidate']} "
+            f"| {row['median_ms']:.3f} | {_fmt(row.get('torchmha_speedup'), '.2f')} "
+            f"| {row['bytes_per_s'] / 1e9:.2f} | {100 * row['fraction_of_bandwidth']:.1f} "
+            f"| {100 * row['fraction_of_gemm_peak']:.1f} "
+            f"| {_fmt(None if peak is None else peak / 1024, '.0f')} "
+            f"| {_fmt(row.get('max_abs_diff_vs_torchmha'), '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+def decode_summary_table(rows: List[dict]) -> str:
+    """One line per shape: every candidate's median ms per generated token, torchmha's speedups
+    over the peers, its bandwidth fraction, the bytes a step reads, and memory: the cache, one
+    step's activations and torchmha's step peak."""
+    lines = [
+        "| (B, prompt, E, H, KV) | "
+        + " | ".join(f"{name} ms" for name in DECODE_COLUMNS)
+        + " | x nn.MHA | x eager | x compiled | x Llama | bytes/step MiB | torchmha GB/s (% bw) "
+        "| bytes dominate | cache MiB | activations KiB | torchmha peak KiB |",
+        "|---|" + "---:|" * (len(DECODE_COLUMNS) + 10),
+    ]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by_name = {r["candidate"]: r for r in rows if r["case"] == case}
+        ours = by_name.get(DECODE_REFERENCE)
+        if ours is None:
+            continue
+        times = [_fmt(by_name.get(n, {}).get("median_ms"), ".3f") for n in DECODE_COLUMNS]
+        speedups = [
+            _fmt(by_name.get(n, {}).get("torchmha_speedup"), ".2f")
+            for n in ("torch_mha_recompute", "sdpa_cache", "sdpa_cache_compiled", "llama_static")
+        ]
+        step_bytes = ours["step_cache_bytes"] + ours["step_weight_bytes"]
+        peak = ours.get("peak_bytes")
+        lines.append(
+            f"| {_shape_text(ours)} | "
+            + " | ".join(times)
+            + " | "
+            + " | ".join(speedups)
+            + f" | {step_bytes / 2**20:.1f} | {ours['bytes_per_s'] / 1e9:.2f} "
+            f"({100 * ours['fraction_of_bandwidth']:.0f} %) "
+            f"| {'yes' if ours['bytes_dominate'] else 'no'} "
+            f"| {ours['step_cache_bytes'] / 2**20:.1f} "
+            f"| {ours['step_activation_bytes'] / 1024:.0f} "
+            f"| {_fmt(None if peak is None else peak / 1024, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def decode_breakdown_table(rows: List[dict]) -> str:
+    """Where each profiled step goes: self CPU ms per step of its ATen ops, by part."""
+    parts = ("attention", "projections", "cache writes", "rest", "total")
+    lines = [
+        "| (B, prompt, E, H, KV) | candidate | " + " | ".join(f"{p} ms" for p in parts) + " |",
+        "|---|---|" + "---:|" * len(parts),
+    ]
+    for row in rows:
+        profiled = row.get("profile_ms_per_step")
+        if profiled:
+            lines.append(
+                f"| {_shape_text(row)} | {row['candidate']} | "
+                + " | ".join(f"{profiled[p]:.3f}" for p in parts)
+                + " |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _find(rows, candidate, mode, shape, dtype):
     for row in rows:
         if (row["candidate"], row["mode"], row["shape"], row["dtype"]) == (
@@ -206,8 +323,9 @@ def goals(
     """The performance goals of ``table`` (goals.json when None) that apply to ``device`` and to
     the benchmark ``suite`` (a goal's ``suite``, "mha" when absent), each stated with what was
     measured (never asserted), and with the ratio's bound at the GEMM peak (``peak_bound``)."""
+    # The shape last: cases of equal size come in one order however the rows were gathered.
     cases = sorted(
-        {(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2])
+        {(r["dtype"], r["shape"]) for r in rows}, key=lambda c: (c[0], c[1][1] * c[1][2], c[1])
     )
     measure = {
         "x_torch": _x_torch_goal,
@@ -216,6 +334,9 @@ def goals(
         "cpp_below_python": _cpp_below_python_goal,
         "x_fastest_peer": _x_fastest_peer_goal,
         "peak_below_peers": _peak_below_peers_goal,
+        "decode_speedup": _decode_speedup_goal,
+        "decode_bandwidth": _decode_bandwidth_goal,
+        "decode_peak_memory": _decode_peak_memory_goal,
     }
     lines = []
     for goal in load_goals() if table is None else table:
@@ -278,6 +399,78 @@ def _peak_below_peers_goal(goal: dict, rows: List[dict], cases: list, device: st
     met = all(ratio < goal["below"] for _, ratio in measured)
     return [
         f"- {goal['title']} (goal < {goal['below']}x the lowest peer's): "
+        f"{'met' if met else 'NOT met'}; " + ", ".join(text for text, _ in measured)
+    ]
+
+
+def _decode_speedup_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    """torchmha against one peer: the peer's median time over torchmha's, at least ``at_least``,
+    at prompts of ``min_prompt`` or more."""
+    measured = []
+    for dtype, shape in cases:
+        row = _find(rows, goal["peer"], "inference", shape, dtype)
+        if shape[1] >= goal.get("min_prompt", 0) and row and row.get("torchmha_speedup"):
+            spread = row.get("torchmha_speedup_rounds")
+            rounds = f" (rounds {min(spread):.2f}-{max(spread):.2f})" if spread else ""
+            text = f"{shape}: {row['torchmha_speedup']:.2f}x{rounds}"
+            measured.append((text, row["torchmha_speedup"]))
+    if not measured:
+        return []
+    # "within" a fraction of the peer's time: torchmha's time <= (1 + within) x the peer's.
+    within = goal.get("within")
+    least = 1 / (1 + within) if within is not None else goal["at_least"]
+    stated = (
+        f"goal: within {within:.0%} of its time, >= {least:.2f}x"
+        if within
+        else (f"goal >= {least}x")
+    )
+    met = all(ratio >= least for _, ratio in measured)
+    return [
+        f"- {goal['title']} ({stated}): {'met' if met else 'NOT met'}; "
+        + ", ".join(text for text, _ in measured)
+    ]
+
+
+def _decode_bandwidth_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    """torchmha's step: the bytes it reads over its time, as a fraction of the measured copy
+    bandwidth, where those bytes dominate the step (the others are listed, not judged)."""
+    judged, listed = [], []
+    for dtype, shape in cases:
+        row = _find(rows, "torchmha", "inference", shape, dtype)
+        if row and row.get("fraction_of_bandwidth") is not None:
+            text = f"{shape}: {row['fraction_of_bandwidth']:.0%}"
+            (judged if row["bytes_dominate"] else listed).append((text, row))
+    if not judged and not listed:
+        return []
+    met = all(row["fraction_of_bandwidth"] >= goal["at_least"] for _, row in judged)
+    line = f"- {goal['title']} (goal >= {goal['at_least']:.0%} where bytes dominate): " + (
+        f"{'met' if met else 'NOT met'}; " + ", ".join(text for text, _ in judged)
+        if judged
+        else "no case where bytes dominate"
+    )
+    if listed:
+        line += "; FLOPs dominate (not judged): " + ", ".join(text for text, _ in listed)
+    return [line]
+
+
+def _decode_peak_memory_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
+    """torchmha's step peak above what was held before it (the cache among it) against one
+    step's activations: cache + peak <= cache + activations."""
+    measured = []
+    for dtype, shape in cases:
+        row = _find(rows, "torchmha", "inference", shape, dtype)
+        if row and row.get("peak_bytes") is not None:
+            cache = row["step_cache_bytes"] / 2**20
+            text = (
+                f"{shape}: cache {cache:.1f} MiB + step {row['peak_bytes'] / 1024:.0f} KiB "
+                f"(activations {row['step_activation_bytes'] / 1024:.0f} KiB)"
+            )
+            measured.append((text, row["peak_bytes"] <= row["step_activation_bytes"]))
+    if not measured:
+        return []
+    met = all(ok for _, ok in measured)
+    return [
+        f"- {goal['title']} (goal: cache + step peak <= cache + one step's activations): "
         f"{'met' if met else 'NOT met'}; " + ", ".join(text for text, _ in measured)
     ]
 
@@ -366,10 +559,13 @@ def plot(rows: List[dict], path: str, title: str, ratio_key: str = "x_torch") ->
         axis.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
         axis.set_xticklabels([str(s) for s in shapes])
         axis.set_ylabel(
-            "speed vs fastest peer (x)"
-            if ratio_key == "x_fastest_peer"
-            else "speed vs torch.nn.MHA (x)"
+            {
+                "x_fastest_peer": "speed vs fastest peer (x)",
+                "torchmha_speedup": "time / torchmha's time (x)",
+            }.get(ratio_key, "speed vs torch.nn.MHA (x)")
         )
+        if ratio_key == "torchmha_speedup":
+            axis.set_yscale("log")  # nn.MultiheadAttention's recomputation is 10-100x slower
         axis.set_title(f"{dtype}, {mode}")
     axes[0, 0].legend(fontsize=7, ncol=3)
     figure.suptitle(title, fontsize=9)

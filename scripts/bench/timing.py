@@ -63,9 +63,12 @@ def median(values: list) -> float:
     return statistics.median(values)
 
 
-def gemm_peak_tflops(device: torch.device, dtype: torch.dtype, rounds: int = 5) -> float:
-    """The machine's measured matrix-multiply rate for ``dtype``, in TFLOP/s (best of rounds)."""
-    size = 8192 if device.type == "cuda" else 2048
+def gemm_peak_tflops(
+    device: torch.device, dtype: torch.dtype, rounds: int = 5, size: Optional[int] = None
+) -> float:
+    """The machine's measured matrix-multiply rate for ``dtype``, in TFLOP/s (best of rounds of
+    ``size``-square products; by default 8192 on a GPU, 2048 on the CPU)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     fn = lambda: torch.mm(a, b)  # noqa: E731

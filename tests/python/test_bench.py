@@ -229,3 +229,184 @@ def test_gqa_memory_goal_compares_torchmha_with_the_lowest_peer():
     assert all(r["peak_vs_lowest_peer"] is None for r in rows if r["candidate"] != "torchmha")
     line = next(g for g in report.goals(rows, "cpu", suite="gqa") if "peak memory" in g)
     assert "NOT met" in line and "inference: 0.90x" in line and "training: 1.00x" in line, line
+
+
+# The quick run leaves out torchmha_compiled (one compilation fewer).
+DECODE_CANDIDATES = {
+    "torchmha",
+    "torch_mha_recompute",
+    "sdpa_cache",
+    "sdpa_cache_compiled",
+    "llama_static",
+}
+
+
+@pytest.fixture(scope="module")
+def decode_quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_decode")
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
+    command += ["--suite", "decode", "--quick", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "quick-decode.json") as report:
+        return json.load(report), (out / "quick-decode.md").read_text(), result.stdout
+
+
+def test_decode_suite_times_one_step_of_every_candidate(decode_quick_run):
+    """One decoding step of torchmha, nn.MultiheadAttention recomputing the prefix, the Python
+    static cache (eager and compiled) and LlamaAttention with StaticCache, each with a time per
+    round and a peak memory figure, next to the machine's measured copy bandwidth."""
+    report, _, _ = decode_quick_run
+    assert report["machine"]["memory_bandwidth_bytes_per_s"] > 0
+    rows = report["rows"]
+    assert {row["candidate"] for row in rows} == DECODE_CANDIDATES
+    for row in rows:
+        assert row["mode"] == "inference"
+        assert (row["batch"], row["prompt"], row["heads"], row["kv_heads"]) == (2, 16, 4, 2)
+        assert row["max_seq_len"] == row["prompt"] + report["settings"]["decode_room"]
+        assert len(row["samples_ms"]) == 2 and all(ms > 0 for ms in row["samples_ms"])
+        assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= 0
+
+
+def test_decode_cached_peers_compute_torchmha_step(decode_quick_run):
+    """Every cached peer decodes the same token from the same prompt on torchmha's weights, so its
+    step's output equals torchmha's (float32); nn.MultiheadAttention computes another function
+    (no grouped heads, no rotation) and gets no difference."""
+    report, _, _ = decode_quick_run
+    for row in report["rows"]:
+        if row["candidate"] == "torch_mha_recompute":
+            assert row["max_abs_diff_vs_torchmha"] is None
+        else:
+            assert row["max_abs_diff_vs_torchmha"] <= 1e-5, row
+
+
+def test_decode_ratios_bytes_and_bandwidth_fraction(decode_quick_run):
+    """Speedup = the candidate's time over torchmha's; a step reads every slot's keys and values
+    and the four projection weights; bandwidth fraction = those bytes over the time over the
+    measured copy bandwidth."""
+    report, _, _ = decode_quick_run
+    rows = {row["candidate"]: row for row in report["rows"]}
+    ours = rows["torchmha"]
+    batch, embed, kv_heads, slots = ours["batch"], ours["embed"], ours["kv_heads"], 16 + 128
+    head_dim = embed // ours["heads"]
+    assert ours["step_cache_bytes"] == 2 * batch * kv_heads * slots * head_dim * 4
+    assert ours["step_weight_bytes"] == 4 * (2 * embed * embed + 2 * embed * kv_heads * head_dim)
+    bandwidth = report["machine"]["memory_bandwidth_bytes_per_s"]
+    for row in rows.values():
+        assert row["torchmha_speedup"] == pytest.approx(row["median_ms"] / ours["median_ms"])
+        rounds = row["torchmha_speedup_rounds"]
+        assert min(rounds) * (1 - 1e-9) <= row["torchmha_speedup"] <= max(rounds) * (1 + 1e-9)
+        step_bytes = row["step_cache_bytes"] + row["step_weight_bytes"]
+        expected = step_bytes / (row["median_ms"] / 1e3) / bandwidth
+        assert row["fraction_of_bandwidth"] == pytest.approx(expected)
+
+
+def test_decode_report_states_method_versions_and_goals(decode_quick_run):
+    report, markdown, stdout = decode_quick_run
+    assert "transformers " + report["machine"]["transformers"] in markdown
+    assert "Measured copy bandwidth" in markdown and "MALLOC_MMAP_THRESHOLD_" in markdown
+    assert "| x nn.MHA | x eager | x compiled |" in markdown
+    goals = markdown.split("Goals, as measured", 1)[1]
+    for title in (
+        "Decoding vs the eager Python static cache",
+        "Decoding vs the compiled Python static cache",
+        "Decoding step's bytes (cache and weights) over its time vs the copy bandwidth",
+        "Decoding step's peak memory",
+    ):
+        assert title in goals
+    assert "Grouped-query" not in goals and "Goals, as measured" in stdout
+
+
+def test_decode_profile_says_where_the_step_goes(decode_quick_run):
+    """torchmha's step and the eager Python cache's are profiled by part (attention kernel,
+    projection GEMMs, cache writes, the rest), and the report shows it."""
+    report, markdown, _ = decode_quick_run
+    rows = {row["candidate"]: row for row in report["rows"]}
+    for name in ("torchmha", "sdpa_cache"):
+        parts = rows[name]["profile_ms_per_step"]
+        assert parts["attention"] > 0 and parts["projections"] > 0 and parts["cache writes"] > 0
+        assert parts["total"] == pytest.approx(
+            sum(parts[p] for p in ("attention", "projections", "cache writes", "rest"))
+        )
+    assert rows["llama_static"]["profile_ms_per_step"] is None
+    assert "Where a step goes" in markdown
+
+
+def test_decode_report_from_saved_timings_reproduces_the_report(decode_quick_run, tmp_path):
+    report, markdown, _ = decode_quick_run
+    saved = tmp_path / "again.json"
+    saved.write_text(json.dumps(report))
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
+    result = subprocess.run(
+        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "again.md").read_text() == markdown.replace(
+        "# Benchmark: quick-decode", "# Benchmark: again"
+    )
+
+
+def test_decode_memory_probe_measures_a_step_in_a_fresh_process():
+    """The full run's peak memory comes from a fresh process per candidate (the quick run
+    measures in its own): that probe prints one step's peak for the candidate it is given."""
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
+    command += ["--suite", "decode", "--memory-probe", "float32,1,8,32,4,2,inference"]
+    command += ["--candidates", "torchmha", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peaks = json.loads(result.stdout.splitlines()[-1])
+    assert set(peaks) == {"torchmha"} and isinstance(peaks["torchmha"], int)
+
+
+def _decode_rows(report, times, shape=(1, 2048, 1024, 16, 4)):
+    rows = []
+    for name, ms in times.items():
+        rows.append(
+            {"candidate": name, "median_ms": ms, "samples_ms": [ms], "mode": "inference",
+             "case": ("float32", shape, "inference"), "dtype": "float32", "shape": shape,
+             "batch": shape[0], "prompt": shape[1], "seq": shape[1], "embed": shape[2],
+             "heads": shape[3], "kv_heads": shape[4], "max_seq_len": shape[1] + 128,
+             "step_cache_bytes": 9 << 20, "step_weight_bytes": 1 << 20,
+             "step_flops": 10**6, "step_activation_bytes": 100 << 10, "peak_bytes": 64 << 10}
+        )  # fmt: skip
+    return rows
+
+
+def test_decode_goals_judge_each_threshold():
+    """The decoding goals: >= 10x nn.MultiheadAttention at prompt 2048 only, >= the eager Python
+    cache, within 10 % of the compiled one's time, >= 50 % of the copy bandwidth where bytes
+    dominate, and the step's peak within one step's activations."""
+    report = _load_report_module()
+    times = {"torchmha": 2.0, "torch_mha_recompute": 19.0, "sdpa_cache": 2.0,
+             "sdpa_cache_compiled": 1.84, "llama_static": 3.0}  # fmt: skip
+    rows = _decode_rows(report, times) + _decode_rows(
+        report, {**times, "torch_mha_recompute": 3.0}, shape=(1, 512, 1024, 16, 4)
+    )
+    bandwidth = (10 << 20) / 2e-3 / 0.6  # the step's 10 MiB in 2 ms is 60 % of it
+    report.add_decode_ratios(rows, 1.0, bandwidth)
+    lines = report.goals(rows, "cpu", suite="decode")
+
+    def line(start):
+        return next(g for g in lines if g.startswith("- " + start))
+
+    # 9.5x at prompt 2048 fails the 10x goal; prompt 512's 1.5x is not judged.
+    assert "NOT met" in line("Decoding vs nn.MultiheadAttention")
+    assert "(1, 512, 1024, 16, 4)" not in line("Decoding vs nn.MultiheadAttention")
+    assert "met; " in line("Decoding vs the eager") and "NOT" not in line("Decoding vs the eager")
+    # 2.0 ms against 1.84 ms is 9 % slower: within 10 %.
+    assert "NOT" not in line("Decoding vs the compiled") and "0.92x" in line("Decoding vs the c")
+    assert "NOT" not in line("Decoding step's bytes") and "60%" in line("Decoding step's bytes")
+    assert "NOT" not in line("Decoding step's peak memory")
+
+    slower = {**times, "sdpa_cache_compiled": 1.8}  # 11 % slower than the compiled step
+    rows = _decode_rows(report, slower)
+    rows[0]["peak_bytes"] = 200 << 10  # above one step's activations
+    report.add_decode_ratios(rows, 1.0, bandwidth * 2)  # 30 % of the bandwidth
+    lines = report.goals(rows, "cpu", suite="decode")
+    assert "NOT met" in line("Decoding vs the compiled")
+    assert "NOT met" in line("Decoding step's bytes")
+    assert "NOT met" in line("Decoding step's peak memory")
+    # Where the FLOPs at the GEMM peak take longer than the bytes, the fraction is not judged.
+    report.add_decode_ratios(rows, 1e-9, bandwidth * 2)
+    lines = report.goals(rows, "cpu", suite="decode")
+    assert "no case where bytes dominate; FLOPs dominate (not judged)" in line("Decoding step's")

@@ -69,11 +69,24 @@ at::Tensor attend_few_over_cache(const at::Tensor& query, const at::Tensor& key,
 }
 
 void write_into_cache(const at::Tensor& cache, const at::Tensor& heads, const CacheStep& step) {
+  // Under autocast the projections come in lower precision; the cache keeps its own dtype.
+  const auto source = heads.to(cache.scalar_type());
   const auto sizes = heads.sym_sizes();
+  if (cache.is_contiguous()) {
+    // The cache as rows (N * KV * max_seq_len, head_dim): index_copy_ of rows stays in place under
+    // torch.compile, where scatter_ becomes a copy of the whole cache.
+    const auto slots = cache.sym_size(2);
+    const auto first_rows =
+        at::arange(c10::Scalar(sizes[0] * sizes[1]), step.key_positions.options())
+            .view_symint({sizes[0], sizes[1], 1})
+            .mul(c10::Scalar(slots));
+    const auto rows = first_rows.add(step.key_positions.unsqueeze(1)).reshape({-1});
+    cache.view_symint({-1, sizes[3]}).index_copy_(0, rows, source.reshape_symint({-1, sizes[3]}));
+    return;
+  }
   const auto index = step.key_positions.unsqueeze(1).unsqueeze(-1).expand_symint(
       {sizes[0], sizes[1], sizes[2], sizes[3]});
-  // Under autocast the projections come in lower precision; the cache keeps its own dtype.
-  cache.scatter_(2, index, heads.to(cache.scalar_type()));
+  cache.scatter_(2, index, source);
 }
 
 }  // namespace torchmha::composite

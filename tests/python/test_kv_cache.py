@@ -614,3 +614,24 @@ def test_opcheck_of_a_step_with_a_cache(need_weights: bool) -> None:
         },
     )
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_a_cache_of_strided_tensors_is_written_as_a_contiguous_one() -> None:
+    """The op writes contiguous caches as rows and any other strided cache by scatter: both give
+    the same cache and the same outputs."""
+    attention, _ = make_pair("gqa-rope")
+    contiguous = attention.new_kv_cache(2, 6)
+    strided = torchmha.KVCache(2, 2, 6, 6, dtype=F64)
+    # (N, KV, head_dim, max_seq_len) storage seen as (N, KV, max_seq_len, head_dim).
+    strided.key = torch.zeros(2, 2, 6, 6, dtype=F64).transpose(2, 3)
+    strided.value = torch.zeros(2, 2, 6, 6, dtype=F64).transpose(2, 3)
+    assert not strided.key.is_contiguous()
+    for tokens in (
+        torch.randn(2, 3, EMBED_DIM, dtype=F64),
+        torch.randn(2, 1, EMBED_DIM, dtype=F64),
+    ):
+        expected, _ = step(attention, contiguous, tokens, need_weights=False)
+        output, _ = step(attention, strided, tokens, need_weights=False)
+        torch.testing.assert_close(output, expected, **TOLERANCE)
+    for name in ("key", "value", "seq_lens"):
+        torch.testing.assert_close(getattr(strided, name), getattr(contiguous, name), **TOLERANCE)

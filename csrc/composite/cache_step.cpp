@@ -56,15 +56,25 @@ at::Tensor attend_few_over_cache(const at::Tensor& query, const at::Tensor& key,
   // Query head h = kv * group + j: its rows of head kv's GEMM are j * L .. j * L + L - 1.
   const auto grouped_query = (query * softmax_scale(query))
                                  .reshape_symint({batch, kv_heads, group * target_len, head_dim});
-  auto scores = at::matmul(grouped_query, key.transpose(-2, -1))
-                    .view_symint({batch, kv_heads, group, target_len, slots});
-  scores.add_(mask.unsqueeze(1));
+  // Scores laid out (slots, queries): the cache is the GEMMs' untransposed operand, which
+  // compiled code then reads in place too.
+  auto scores = at::matmul(key, grouped_query.transpose(-2, -1))
+                    .view_symint({batch, kv_heads, slots, group, target_len});
+  scores.add_(mask.squeeze(1).transpose(-2, -1).view_symint({batch, 1, slots, 1, target_len}));
   // Reduced precision normalises in float32, as SDPA's kernels do.
   const bool reduced = c10::isReducedFloatingType(query.scalar_type());
-  auto probabilities =
-      at::_safe_softmax(scores, -1, reduced ? std::optional(at::kFloat) : std::nullopt)
-          .to(query.scalar_type());
-  return at::matmul(probabilities.view_symint({batch, kv_heads, group * target_len, slots}), value)
+  at::Tensor probabilities;
+  if (reduced) {
+    probabilities = at::_safe_softmax(scores, 2, at::kFloat).to(query.scalar_type());
+  } else {
+    at::_softmax_out(scores, scores, 2, /*half_to_float=*/false);
+    // A query that sees no slot (padding of an empty entry) attends to nothing, as elsewhere.
+    const auto sees_nothing = mask.isneginf().all(-1).view_symint({batch, 1, 1, 1, target_len});
+    probabilities = scores.masked_fill_(sees_nothing, 0.0);
+  }
+  return at::matmul(probabilities.view_symint({batch, kv_heads, slots, group * target_len})
+                        .transpose(-2, -1),
+                    value)
       .view_symint({batch, heads, target_len, head_dim});
 }
 

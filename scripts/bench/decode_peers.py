@@ -275,7 +275,8 @@ def step_activation_bytes(case: DecodeCase, itemsize: int = 4) -> int:
 
 # torch.profiler's ATen ops, by the part of a step they do.
 _STEP_PARTS = (
-    ("attention", ("scaled_dot_product", "flash_attention")),
+    # torchmha's few-token steps attend by batched GEMMs and a softmax over the cache.
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::bmm", "softmax")),
     ("projections", ("aten::mm", "aten::addmm")),
     ("cache writes", ("aten::scatter_", "aten::index_copy_", "aten::index_put_")),
 )

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.cpp import OrderedDictWrapper
 
 from torchmha import _C
+from torchmha.kv_cache import CacheSizes
 from torchmha.loading import AllOrNothingLoading
 
 
@@ -112,7 +113,7 @@ def _qualified_name(value: Any) -> str:
     )
 
 
-class KVCache(nn.Module):
+class KVCache(CacheSizes, nn.Module):
     """The C++ ``torchmha::KVCache``: the keys and values of earlier tokens, for incremental
     decoding with ``torchmha.cpp.MultiHeadAttention``; ``torchmha.KVCache``'s arguments.
 
@@ -159,22 +160,6 @@ class KVCache(nn.Module):
         self._buffers = OrderedDictWrapper(cpp_cache, "_buffers")
         # Decoding state, not weights: out of the state dict, as torchmha.KVCache's buffers.
         self._non_persistent_buffers_set = {"key", "value", "seq_lens"}
-
-    @property
-    def batch_size(self) -> int:
-        return self.key.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.key.shape[1]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.key.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.key.shape[3]
 
     def reset(self) -> None:
         """Empties every entry (lengths 0, keys and values zero), in place."""

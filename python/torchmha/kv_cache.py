@@ -6,7 +6,31 @@ import torch
 from torch import Tensor, nn
 
 
-class KVCache(nn.Module):
+class CacheSizes:
+    """The sizes of a cache, read from its ``key`` buffer of shape
+    ``(batch_size, num_kv_heads, max_seq_len, head_dim)``: shared by ``torchmha.KVCache`` and the
+    bound C++ cache ``torchmha.cpp.KVCache``."""
+
+    key: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key.shape[3]
+
+
+class KVCache(CacheSizes, nn.Module):
     """Preallocated keys and values of a batch of sequences, and each entry's length.
 
     ``key`` and ``value`` are ``(batch_size, num_kv_heads, max_seq_len, head_dim)`` (keys after
@@ -55,22 +79,6 @@ class KVCache(nn.Module):
         self.register_buffer(
             "seq_lens", torch.zeros(batch_size, dtype=torch.int64, device=device), False
         )
-
-    @property
-    def batch_size(self) -> int:
-        return self.key.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.key.shape[1]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.key.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.key.shape[3]
 
     @torch.no_grad()
     def reset(self) -> None:

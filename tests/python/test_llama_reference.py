@@ -70,19 +70,22 @@ def position_case(name: str) -> Tuple[Optional[Tensor], Tensor]:
 POSITION_CASES = ["default", "offset", "left-padded"]
 
 
-def hf_mask(config, hidden: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor):
+def hf_mask(
+    config, hidden: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor, cache=None
+):
     """The causal mask ``LlamaModel`` gives its attention layers (per implementation).
 
     The eager implementations take a float mask filled with the dtype's minimum, and compute
     their softmax in float32: float64's minimum becomes -inf there, and a pad row (every key
     masked) becomes NaN, which reaches every parameter's gradient. Those get the mask
-    transformers makes for float32 (finite in float32), so pad rows stay finite."""
+    transformers makes for float32 (finite in float32), so pad rows stay finite. With ``cache``,
+    the mask of a decoding step, made before the cache grows."""
     dtype = hidden.dtype
     mask = create_causal_mask(
         config=config,
         inputs_embeds=hidden.float() if config._attn_implementation == "eager" else hidden,
         attention_mask=attention_mask,
-        cache=None,
+        cache=cache,
         position_ids=position_ids,
     )
     return mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
@@ -517,15 +520,7 @@ def hf_decoding_step(config, reference, cache, hidden: Tensor, past: int, tables
     """One step as ``LlamaModel`` runs it: its mask (made before the cache grows), the rotary
     tables of positions ``past, past + 1, ...``, then the attention updating ``cache``."""
     position_ids = (past + torch.arange(hidden.shape[1])).expand(hidden.shape[0], -1)
-    mask = create_causal_mask(
-        config=config,
-        inputs_embeds=hidden.float() if config._attn_implementation == "eager" else hidden,
-        attention_mask=None,
-        cache=cache,
-        position_ids=position_ids,
-    )
-    if mask is not None and mask.is_floating_point():
-        mask = mask.to(hidden.dtype)
+    mask = hf_mask(config, hidden, None, position_ids, cache)
     if tables == "float64":
         cos, sin = rope_tables_float64(
             config.hidden_size // config.num_attention_heads, ROPE_THETA, position_ids

@@ -15,9 +15,14 @@ step scripts/build.sh
 step scripts/lint.sh
 step scripts/check_packaging.sh
 
-echo "test: GoogleTest and the interchange tests (ctest)"
-step bash -c 'cd build && ctest --output-on-failure -j "$(nproc)"'
+# One intra-op thread per test process: the parallelism is ctest's and pytest's processes, one
+# per core (idle OpenMP threads of tiny tensors spin against each other on a small machine).
+export OMP_NUM_THREADS=1
+workers=$(nproc)
 
-echo "test: pytest"
+echo "test: GoogleTest and the interchange tests (ctest)"
+step bash -c "cd build && ctest --output-on-failure -j $workers"
+
+echo "test: pytest ($workers processes, a test file to each)"
 # pytest exits 5 when it collects no test; set -e turns that into a failure too.
-.venv/bin/python -m pytest tests/python -q
+.venv/bin/python -m pytest tests/python -q -n "$workers" --dist loadfile

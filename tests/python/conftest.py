@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: paired modules with identical weights, per-dtype tolerances."""
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -19,9 +20,11 @@ TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One intra-op thread: the tensors are tiny, and idle OpenMP threads spinning on a busy
-    machine made the suite several times slower."""
+    """One intra-op thread, here and in every subprocess a test starts (they inherit
+    ``OMP_NUM_THREADS``): the tensors are tiny, and idle OpenMP threads spinning on a busy machine
+    made the suite several times slower. Tests that are about threads set their own count."""
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])

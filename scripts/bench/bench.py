@@ -425,7 +425,7 @@ def bench_decode_case(args, device, dtype_name, shape, wanted, workdir):
             peaks.update({name: timing.peak_memory_bytes(s, device) for name, s in steps.items()})
     elif device.type == "cpu":
         for name in sorted(steps):
-            peaks.update(_probe_decode_memory(args, shape, [name]))
+            peaks.update(_probe_decode_memory(args, dtype_name, shape, [name]))
     differences = decode_differences(candidates, steps)
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     if device.type == "cuda" and skips:
@@ -522,9 +522,9 @@ def run_cpp_decode(args, case, state, steps, calls, wanted, workdir):
     return measured
 
 
-def _probe_decode_memory(args, shape, names):
+def _probe_decode_memory(args, dtype_name, shape, names):
     return probe_cpu_memory(
-        "float32", shape, "inference", names, "decode", args.rope_theta, args.decode_room
+        dtype_name, shape, "inference", names, "decode", args.rope_theta, args.decode_room
     )
 
 

@@ -185,7 +185,7 @@ int decode_main(int argc, char** argv) {
                                         .batch_first(true)
                                         .num_kv_heads(num_kv_heads)
                                         .rope_theta(rope_theta));
-  torchmha::load_state_dict(*ours, argv[1]);
+  torchmha::load_state_dict(*ours, argv[2]);
   ours->to(device, dtype);
   ours->eval();
   const auto cache = ours->new_kv_cache(token.size(0), max_seq_len);

@@ -81,7 +81,8 @@ class DecodeCase:
     def fill(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         """Writes the cached keys and values into a (batch, kv_heads, max_seq_len, head_dim)
         cache's first ``prompt`` slots."""
-        with torch.no_grad():
+        # Inference mode: a StaticCache allocates its tensors in the first (inference) step.
+        with torch.inference_mode():
             key_cache[:, :, : self.prompt] = self.cached(self.key_block)
             value_cache[:, :, : self.prompt] = self.cached(self.value_block)
 
@@ -263,7 +264,7 @@ def _llama_candidate(case: DecodeCase, state: Dict[str, torch.Tensor]) -> Decode
     attention = LlamaAttention(config, layer_idx=0)
     attention.load_state_dict(state)
     attention.to(case.device, case.dtype)
-    rotary = LlamaRotaryEmbedding(config, device=case.device)
+    rotary = LlamaRotaryEmbedding(config).to(case.device)
     cache = StaticCache(config=config, max_cache_len=case.max_seq_len)
     slots = torch.arange(case.max_seq_len, device=case.device)
     layer = cache.layers[0]

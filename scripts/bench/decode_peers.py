@@ -116,7 +116,8 @@ def _compile(module: nn.Module, case: DecodeCase, static_tensors) -> Callable:
     if case.device.type != "cuda":
         return torch.compile(module, fullgraph=True)
     for tensor in static_tensors:
-        torch._dynamo.mark_static_address(tensor)
+        # Unguarded: the next case's new caches need a new recording, not a recompilation.
+        torch._dynamo.mark_static_address(tensor, guard=False)
     compiled = torch.compile(module, fullgraph=True, mode="reduce-overhead")
 
     def forward(*args, **kwargs):

@@ -29,6 +29,7 @@ LIBRARY_SOURCES = [
     "csrc/composite/masks.cpp",
     "csrc/composite/multi_head_attention.cpp",
     "csrc/composite/rotary.cpp",
+    "csrc/composite/stream_capture.cpp",
     "csrc/module.cpp",
     "csrc/kv_cache.cpp",
     "csrc/textbook.cpp",
@@ -36,7 +37,7 @@ LIBRARY_SOURCES = [
 ]
 # Kernels of their own for CUDA, built where this PyTorch has CUDA and nvcc is found
 # (TORCHMHA_CUDA=0 leaves them out; the op then composes ATen ops on CUDA too).
-CUDA_SOURCES = ["csrc/cuda/head_mean_softmax.cu"]
+CUDA_SOURCES = ["csrc/cuda/head_mean_softmax.cu", "csrc/cuda/stream_capture.cpp"]
 WITH_CUDA = (
     torch.version.cuda is not None
     and CUDA_HOME is not None

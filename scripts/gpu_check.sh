@@ -5,10 +5,12 @@
 # benchmark (scripts/bench/bench.py --device cuda), then profiles the cases furthest from their goals
 # (scripts/bench/profile_call.py, appended to bench.log).
 #
-# Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench] [profile]   (all when none is named)
+# Usage: OUT=/some/folder scripts/gpu_check.sh [tests] [bench] [decode] [profile]   (all when none
+# is named)
 # TORCHMHA_COMMIT=<commit> labels the results where the copy's .git is not the tree's.
-# Writes at most eight files under $OUT: summary.txt (machine, pass count, goals), build.log,
-# cmake.log, pytest.log, bench.log and bench/cuda-<card>.{json,md,png}.
+# Writes at most twelve files under $OUT: summary.txt (machine, pass count, goals), build.log,
+# cmake.log, pytest.log, bench.log, bench/cuda-<card>.{json,md,png}, and for the decoding suite
+# decode.log and bench/cuda-<card>-decode.{json,md,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/gpu-check}
@@ -20,7 +22,7 @@ export MAX_JOBS=${MAX_JOBS:-$cores} PYTHONUNBUFFERED=1
 # newer g++ (a CXX pointing elsewhere) crashed in its inline iostream code against the older one.
 export CXX=${TORCHMHA_CXX:-c++}
 summary=$OUT/summary.txt
-steps=${*:-tests bench profile}
+steps=${*:-tests bench decode profile}
 status=0
 
 {
@@ -32,7 +34,7 @@ status=0
     "device", torch.cuda.get_device_name())'
 } 2>&1 | tee "$summary"
 
-if [[ $steps == *bench* ]]; then
+if [[ $steps == *bench* || $steps == *decode* ]]; then
   # Compiles while the extension builds and the tests run; waited for before the benchmark.
   torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
   (cmake -S . -B build-gpu -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
@@ -87,6 +89,27 @@ if [[ $steps == *bench* ]]; then
     grep -A20 "^Goals, as measured" "$OUT/bench.log" >>"$summary"
   else
     echo "gpu_check: benchmark FAILED" | tee -a "$summary"
+    status=1
+  fi
+fi
+
+if [[ $steps == *decode* ]]; then
+  # Decoding: bfloat16, batch 1, 8, 32 x cache 1k-32k; eager, CUDA graphs, the C++ graph replay.
+  # Results are rewritten after every case, so a timeout keeps the cases measured until then.
+  decode_cpp=build-gpu/torchmha_bench
+  if [[ $steps != *bench* ]] && ! wait "$cmake_pid"; then
+    decode_cpp=/nonexistent
+  fi
+  [[ -x $decode_cpp ]] || echo "gpu_check: decoding without the C++ step (not built)" |
+    tee -a "$summary"
+  echo "gpu_check: decoding benchmark"
+  if timeout "${DECODE_TIMEOUT_S:-240}" "$PYTHON" scripts/bench/bench.py --suite decode \
+      --device cuda --rounds "${BENCH_ROUNDS:-3}" --target-ms 20 --cpp-bench "$decode_cpp" \
+      --out "$OUT/bench" 2>&1 | tee "$OUT/decode.log"; then
+    grep -A12 "^Goals, as measured" "$OUT/decode.log" >>"$summary"
+  else
+    echo "gpu_check: decoding benchmark FAILED or timed out (decode.log; partial results in" \
+      "bench/)" | tee -a "$summary"
     status=1
   fi
 fi

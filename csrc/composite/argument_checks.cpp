@@ -10,6 +10,7 @@
 #include "arguments.h"
 #include "attention.h"
 #include "decimal.h"
+#include "stream_capture.h"
 
 namespace torchmha::composite {
 namespace {
@@ -30,6 +31,12 @@ bool has_shape(const at::Tensor& tensor, std::initializer_list<c10::SymInt> shap
     }
   }
   return true;
+}
+
+// A tensor's values may be copied to the host: it is real (not traced) and its device's stream
+// is not being captured into a graph, where such a copy is refused.
+bool values_readable_on_host(const at::Tensor& tensor) {
+  return is_concrete(tensor) && !is_stream_capturing(tensor.device());
 }
 
 // Sparse and nested tensors have no fixed (L, N, E) sizes to check; refuse them by name.
@@ -289,8 +296,8 @@ void check_rotary(const Arguments& args) {
               "`positions` gives the query tokens' positions, which the keys share, so `key` needs "
               "the query's length ",
               target_len, ", but got `key` of shape ", args.key.sym_sizes());
-  // Reading the values synchronises and cannot be traced: checked on real tensors only.
-  if (is_concrete(positions) && positions.numel() > 0) {
+  // Reading the values synchronises and cannot be traced or captured: real tensors only.
+  if (values_readable_on_host(positions) && positions.numel() > 0) {
     TORCH_CHECK(positions.min().item<int64_t>() >= 0, kOp,
                 "`positions` must be non-negative, but got ", positions.min().item<int64_t>());
   }
@@ -384,8 +391,8 @@ void check_cache_without_grad(const Arguments& args) {
               "` requires grad: run the step under torch.no_grad() or torch.inference_mode()");
 }
 
-// The data of the lengths and the padding, read on real tensors only (tracing cannot read them).
-// Traced steps (compile, export) cannot read the lengths: the graph checks them when it runs.
+// Traced steps (compile, export) and steps captured into a CUDA graph cannot read the lengths:
+// the graph checks them when it runs, before the step's writes.
 void assert_cache_lengths_in_graph(const Arguments& args) {
   const auto& lengths = *args.cache_lengths;
   const c10::SymInt source_len = args.key.sym_size(args.sequence_dim());
@@ -404,7 +411,9 @@ void check_cache_lengths_values(const Arguments& args) {
   if (lengths.is_meta()) {
     return;  // meta tensors have no values to read
   }
-  if (!is_concrete(lengths) || !is_concrete(args.query) || !is_concrete(*args.cache_key)) {
+  // The data of the lengths and the padding, read on the host where that is allowed.
+  if (!values_readable_on_host(lengths) || !is_concrete(args.query) ||
+      !is_concrete(*args.cache_key)) {
     assert_cache_lengths_in_graph(args);
     return;
   }

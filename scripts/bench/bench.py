@@ -13,8 +13,10 @@ enable_gqa and against transformers' LlamaAttention (eager and SDPA), on the sam
 
 The decoding suite (--suite decode) times one generated token of that attention with a key/value
 cache: torchmha with torchmha.KVCache against nn.MultiheadAttention recomputing the whole prefix,
-a static cache in Python on SDPA (eager and compiled) and LlamaAttention with StaticCache; it
-measures the machine's copy bandwidth in the same run.
+a static cache in Python on SDPA (eager and compiled) and LlamaAttention with StaticCache, and
+torchmha's step from the C++ loop (on a GPU also captured into a CUDA graph); it measures the
+device's copy bandwidth in the same run. On CUDA it runs in bfloat16 over caches of 1k to 32k
+slots, the compiled candidates with CUDA graphs (mode="reduce-overhead").
 
 Usage:
   scripts/bench/bench.py                 # CPU, float32, the CPU shapes
@@ -22,6 +24,7 @@ Usage:
   scripts/bench/bench.py --quick         # a tiny smoke run
   scripts/bench/bench.py --suite gqa     # grouped-query attention with rotary embeddings
   scripts/bench/bench.py --suite decode  # one decoding step with a key/value cache
+  scripts/bench/bench.py --suite decode --device cuda  # the same on a GPU, bfloat16
 Writes <out>/<name>.json, .md and .png (the plot needs matplotlib).
 """
 
@@ -56,7 +59,15 @@ GQA_QUICK_SHAPES = [(2, 8, 32, 4, 2)]
 DECODE_CPU_SHAPES = [(1, 512, 1024, 16, 4), (8, 512, 1024, 16, 4)]
 DECODE_CPU_SHAPES += [(1, 2048, 1024, 16, 4), (8, 2048, 1024, 16, 4)]
 DECODE_CPU_SHAPES += [(1, 512, 2048, 16, 4), (1, 2048, 2048, 16, 4)]
+# On a GPU: a Llama-3-8B layer's attention (4096 wide, 32 heads, 8 key/value heads), batch 1, 8
+# and 32, caches of 1k to 32k tokens.
+DECODE_GPU_SHAPES = [
+    (batch, prompt, 4096, 32, 8)
+    for batch in (1, 8, 32)
+    for prompt in (1024, 4096, 8192, 16384, 32768)
+]
 DECODE_QUICK_SHAPES = [(2, 16, 32, 4, 2)]
+DECODE_CPP_CANDIDATES = ("torchmha_cpp", "torchmha_cpp_graph")
 CPP_CANDIDATES = ("torchmha_cpp_loop", "libtorch_mha")
 # glibc: serve every allocation above 64 KiB by its own mapping, returned on free.
 MEMORY_PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -71,7 +82,7 @@ def parse_args() -> argparse.Namespace:
         choices=["mha", "gqa", "decode"],
         help="mha: torchmha against nn.MultiheadAttention and the other MHA peers; gqa: "
         "grouped-query attention with rotary embeddings against its Python and Llama peers; "
-        "decode: one generated token with a key/value cache (CPU)",
+        "decode: one generated token with a key/value cache",
     )
     parser.add_argument(
         "--decode-room",
@@ -388,56 +399,56 @@ def bench_gqa_case(args, device, dtype_name, shape, mode, wanted):
     ]
 
 
-def bench_decode_case(args, shape, wanted):
-    """One decoding step of every candidate on one (batch, prompt, embed, heads, kv_heads), float32
-    on the CPU, in inference: a list of result rows. Each row also records how far the
-    candidate's output lies from torchmha's (same weights, same prompt), the bytes a step reads and
-    its FLOPs, and the cache's size."""
+def bench_decode_case(args, device, dtype_name, shape, wanted, workdir):
+    """One decoding step of every candidate on one (batch, prompt, embed, heads, kv_heads), in
+    inference: a list of result rows. Each row also records how far the candidate's output lies
+    from torchmha's (same weights, same cache), the bytes a step reads and its FLOPs, and the
+    cache's size."""
     batch, prompt, embed, heads, kv_heads = shape
+    dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    case = decode_peers.DecodeCase(
-        batch,
-        prompt,
-        embed,
-        heads,
-        kv_heads,
-        max_seq_len=prompt + args.decode_room,
-        rope_theta=args.rope_theta,
-        prompt_tokens=torch.randn(batch, prompt, embed),
-        new_token=torch.randn(batch, 1, embed),
+    # The weights first: every case of the same sizes gets the same ones (and one file for C++).
+    state = decode_peers.random_weights(embed, heads, kv_heads)
+    case = decode_peers.new_decode_case(
+        batch, prompt, embed, heads, kv_heads, args.decode_room, args.rope_theta, device, dtype
     )
-    candidates = decode_peers.decode_candidates(case, wanted)
-    label = f"float32 {shape} decode"
-    steps, calls, peaks = prepare_steps(
-        candidates, False, torch.device("cpu"), args.target_ms, label
-    )
+    candidates = decode_peers.decode_candidates(case, wanted, state)
+    label = f"{dtype_name} {shape} decode"
+    steps, calls, peaks = prepare_steps(candidates, False, device, args.target_ms, label)
     if args.memory_probe:
         with torch.inference_mode():
-            cpu = torch.device("cpu")
-            return {name: timing.peak_memory_bytes(step, cpu) for name, step in steps.items()}
-    if args.quick:
+            return {name: timing.peak_memory_bytes(step, device) for name, step in steps.items()}
+    if device.type == "cpu" and args.quick:
         # In this process: a probe would pay the imports and the compilation again (seconds),
         # and a tiny step's peak reads 0 either way.
         with torch.inference_mode():
-            cpu = torch.device("cpu")
-            peaks.update({name: timing.peak_memory_bytes(s, cpu) for name, s in steps.items()})
-    else:
+            peaks.update({name: timing.peak_memory_bytes(s, device) for name, s in steps.items()})
+    elif device.type == "cpu":
         for name in sorted(steps):
-            peaks.update(_probe_decode_memory(args, shape, [name]))
+            peaks.update(_probe_decode_memory(args, dtype_name, shape, [name]))
     differences = decode_differences(candidates, steps)
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    if device.type == "cuda" and skips:
+        # Then a compiled candidate runs its kernels without CUDA graphs (inductor logs why).
+        print(f"bench: CUDA graphs skipped {skips} times so far (at {label})")
 
     samples = {name: [] for name in steps}
-    run_rounds(args, torch.device("cpu"), steps, calls, samples, torch.inference_mode)
-    # Where the step goes, for torchmha and the eager Python cache (the same ATen ops by hand).
+    run_rounds(args, device, steps, calls, samples, torch.inference_mode)
+    # Where the step goes, for torchmha and the eager Python cache (the same ATen ops by hand):
+    # self CPU time, which says nothing of a GPU's kernels.
     breakdowns = {
         name: decode_peers.step_breakdown(steps[name])
         for name in ("torchmha", "sdpa_cache")
-        if name in steps
+        if name in steps and device.type == "cpu"
     }
+    timed_in_rounds = dict.fromkeys(samples, True)
+    cpp = run_cpp_decode(args, case, state, steps, calls, wanted, workdir)
+    for name, (ms, difference) in cpp.items():
+        samples[name], differences[name], timed_in_rounds[name] = ms, difference, False
     traffic = decode_peers.step_bytes(case)
     return [
         {
-            "dtype": "float32",
+            "dtype": dtype_name,
             "batch": batch,
             "prompt": prompt,
             "seq": prompt,
@@ -446,13 +457,13 @@ def bench_decode_case(args, shape, wanted):
             "kv_heads": kv_heads,
             "max_seq_len": case.max_seq_len,
             "shape": shape,
-            "case": ("float32", shape, "inference"),
+            "case": (dtype_name, shape, "inference"),
             "mode": "inference",
             "candidate": name,
             "description": decode_peers.DECODE_DESCRIPTIONS[name],
             "median_ms": timing.median(values),
             "samples_ms": values,
-            "timed_in_rounds": True,
+            "timed_in_rounds": timed_in_rounds[name],
             "peak_bytes": peaks.get(name),
             "max_abs_diff_vs_torchmha": differences.get(name),
             "step_cache_bytes": traffic["cache"],
@@ -465,9 +476,55 @@ def bench_decode_case(args, shape, wanted):
     ]
 
 
-def _probe_decode_memory(args, shape, names):
+def run_cpp_decode(args, case, state, steps, calls, wanted, workdir):
+    """torchmha's step from the C++ loop (and, on a GPU, its CUDA-graph replay), after the
+    rounds, on the same weights, cache contents and token: {name: ([ms per round], max diff
+    from Python's torchmha step)}; empty where the program is not built or torchmha's Python step
+    (the reference) is not timed."""
+    if not wanted & set(DECODE_CPP_CANDIDATES) or "torchmha" not in steps:
+        return {}
+    if not os.path.exists(args.cpp_bench):
+        return {}
+    files = {}
+    sizes = f"{case.embed}-{case.heads}-{case.kv_heads}"
+    files["state"] = os.path.join(workdir, f"decode_state_{sizes}.pt")
+    if not os.path.exists(files["state"]):  # the same weights for every case of these sizes
+        torch.save(decode_peers.torchmha_state_dict(case, state), files["state"])
+    with torch.inference_mode():
+        expected = steps["torchmha"]().float().cpu()
+    tensors = {"key": case.key_block, "value": case.value_block, "token": case.new_token}
+    for name, tensor in {**tensors, "expected": expected}.items():
+        files[name] = os.path.join(workdir, f"decode_{name}.pt")
+        torch.save(tensor, files[name])
+    command = [args.cpp_bench, "decode", files["state"], files["key"], files["value"]]
+    command += [files["token"], files["expected"], str(case.heads), str(case.kv_heads)]
+    command += [str(args.rope_theta), str(case.prompt), str(case.max_seq_len)]
+    command += [case.device.type, str(case.dtype).replace("torch.", ""), str(args.threads)]
+    command += [str(args.rounds), str(calls["torchmha"])]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(
+            f"bench: the C++ decoding step is left out of {case.batch, case.prompt}: "
+            f"{' '.join(command)} failed:\n{result.stderr[-2000:]}"
+        )
+        return {}
+    measured = {}
+    for line in result.stdout.splitlines():
+        entry = json.loads(line)
+        if entry["candidate"] in wanted:
+            measured[entry["candidate"]] = (entry["ms"], entry["max_abs_diff_vs_torchmha"])
+        if entry.get("max_abs_diff_vs_eager"):
+            # A replay computes what the eager step computes, with the same kernels.
+            print(
+                f"bench: {entry['candidate']} differs from the eager C++ step by "
+                f"{entry['max_abs_diff_vs_eager']:.3g}"
+            )
+    return measured
+
+
+def _probe_decode_memory(args, dtype_name, shape, names):
     return probe_cpu_memory(
-        "float32", shape, "inference", names, "decode", args.rope_theta, args.decode_room
+        dtype_name, shape, "inference", names, "decode", args.rope_theta, args.decode_room
     )
 
 
@@ -512,7 +569,8 @@ def main() -> int:
         args.target_ms = 1.0
         shape = tuple(map(int, sizes))
         if args.suite == "decode":
-            print(json.dumps(bench_decode_case(args, shape, wanted)))
+            decode_rows = bench_decode_case(args, device, dtype_name, shape, wanted, None)
+            print(json.dumps(decode_rows))
             return 0
         if args.suite == "gqa":
             print(json.dumps(bench_gqa_case(args, device, dtype_name, shape, mode, wanted)))
@@ -524,20 +582,19 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    if args.suite == "decode" and (device.type != "cpu" or args.dtypes not in (None, "float32")):
-        print("bench: the decode suite runs on the CPU in float32", file=sys.stderr)
-        return 2
-    dtypes = (args.dtypes or ("bfloat16,float32" if device.type == "cuda" else "float32")).split(
-        ","
-    )
     gqa = args.suite == "gqa"
     decode = args.suite == "decode"
+    default_dtypes = "bfloat16,float32" if device.type == "cuda" else "float32"
+    if decode and device.type == "cuda":
+        default_dtypes = "bfloat16"
+    dtypes = (args.dtypes or default_dtypes).split(",")
     default_shapes = {
         ("mha", "cpu"): CPU_SHAPES,
         ("mha", "cuda"): GPU_SHAPES,
         ("gqa", "cpu"): GQA_CPU_SHAPES,
         ("gqa", "cuda"): GQA_GPU_SHAPES,
         ("decode", "cpu"): DECODE_CPU_SHAPES,
+        ("decode", "cuda"): DECODE_GPU_SHAPES,
     }[args.suite, device.type]
     shapes = (
         [tuple(int(v) for v in s.split(",")) for s in args.shapes]
@@ -559,6 +616,16 @@ def main() -> int:
         # One compilation fewer in the smoke run (seconds): torchmha's own compiled decoding is
         # tested on its own (tests/python/test_kv_cache.py).
         wanted.discard("torchmha_compiled")
+    if decode and not args.candidates:
+        if device.type == "cuda":
+            # Not among the GPU's peers: its recomputation of a 32k-token prefix per token.
+            wanted.discard("torch_mha_recompute")
+        else:
+            wanted.discard("torchmha_cpp_graph")  # CUDA graphs need a GPU
+    if decode:
+        # Every case compiles its own modules; dynamo's default limit would run them eager.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else None
+        setattr(torch._dynamo.config, limit or "cache_size_limit", 64)
     if not gqa and not os.path.exists(args.cpp_bench) and wanted & set(CPP_CANDIDATES):
         print(
             f"bench: {args.cpp_bench} not built; the C++ candidates are left out "
@@ -570,6 +637,9 @@ def main() -> int:
     small = decode and args.quick
     gemm = {"rounds": 2, "size": 512} if small else {}
     copy = {"rounds": 2, "megabytes": 16} if small else {}
+    if decode and device.type == "cuda":
+        copy = {"megabytes": 1024}  # far beyond the GPU's L2 cache
+    copy["device"] = device
     peaks = {}
     for dtype_name in dtypes:
         peaks[dtype_name] = timing.gemm_peak_tflops(device, getattr(torch, dtype_name), **gemm)
@@ -582,13 +652,17 @@ def main() -> int:
             f"copy bandwidth: {machine['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", flush=True
         )
 
+    suffix = {"gqa": "-gqa", "decode": "-decode"}.get(args.suite, "")
+    name = args.name or ("quick" if args.quick else _default_name(device, machine)) + suffix
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for dtype_name in dtypes:
             for shape in shapes:
                 for mode in args.modes.split(","):
                     if decode:
-                        case_rows = bench_decode_case(args, shape, wanted)
+                        case_rows = bench_decode_case(
+                            args, device, dtype_name, shape, wanted, workdir
+                        )
                     elif gqa:
                         case_rows = bench_gqa_case(args, device, dtype_name, shape, mode, wanted)
                     else:
@@ -598,6 +672,9 @@ def main() -> int:
                     _add_ratios(args.suite, case_rows, peaks[dtype_name], machine)
                     print(_table(args.suite, case_rows).split("\n", 2)[2], flush=True)
                     rows.extend(case_rows)
+                    if decode and device.type == "cuda":
+                        # An unattended run under a time limit keeps every case measured so far.
+                        write_results(args.out, name, machine, peaks, args, rows, final=False)
     # The peak again at the end; the better of the two is the machine's.
     for dtype_name in dtypes:
         peaks[dtype_name] = max(
@@ -609,15 +686,15 @@ def main() -> int:
             machine["memory_bandwidth_bytes_per_s"], decode_peers.memory_bandwidth(**copy)
         )
     _add_ratios_per_dtype(args.suite, rows, peaks, machine)
-
-    suffix = {"gqa": "-gqa", "decode": "-decode"}.get(args.suite, "")
-    name = args.name or ("quick" if args.quick else _default_name(device, machine)) + suffix
     write_results(args.out, name, machine, peaks, args, rows)
     return 0
 
 
-def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: list) -> None:
-    """<name>.md (table and goals), <name>.json and <name>.png under ``out``."""
+def write_results(
+    out: str, name: str, machine: dict, peaks: dict, args, rows: list, final: bool = True
+) -> None:
+    """<name>.md (table and goals), <name>.json and <name>.png under ``out``; not ``final``: the
+    cases so far, .md and .json only, nothing printed."""
     os.makedirs(out, exist_ok=True)
     suite = getattr(args, "suite", "mha")
     goal_lines = report.goals(rows, args.device, suite=suite)
@@ -651,6 +728,8 @@ def write_results(out: str, name: str, machine: dict, peaks: dict, args, rows: l
             output,
             indent=1,
         )
+    if not final:
+        return
     plotted = report.plot(
         rows, os.path.join(out, name + ".png"), header.split("\n")[0], _ratio_key(suite)
     )
@@ -802,34 +881,51 @@ def _gqa_header(machine: dict, peaks: dict, args) -> str:
 
 def _decode_header(machine: dict, peaks: dict, args) -> str:
     bandwidth = machine["memory_bandwidth_bytes_per_s"] / 1e9
+    dtypes = ", ".join(peaks)
+    itemsize = " or ".join(str(getattr(torch, d).itemsize) for d in peaks)
+    gpu = args.device == "cuda"
+    copy = "a device-to-device copy timed by CUDA events" if gpu else "best of several copies"
+    memory = (
+        "Peak KiB: the allocator's peak during one step above what was allocated before it. "
+        if gpu
+        else "Peak KiB: one step's peak resident set above the resident size before the call "
+        "(cache, weights and prompt already held), in a fresh process per case and candidate in "
+        "which glibc serves every allocation above 64 KiB by its own mapping "
+        "(MALLOC_MMAP_THRESHOLD_=65536; peak reset through /proc/self/clear_refs; below about "
+        "100 KiB it reads 0 or less than was allocated: a fresh 128 KiB tensor reads 48 KiB). "
+    )
     return (
         _machine_line(machine, peaks, args) + f" Measured copy bandwidth: {bandwidth:.1f} GB/s (a "
         f"{machine.get('copy_megabytes', 256)} MiB float32 tensor copied into another, bytes read "
-        "plus written over the time, best of several copies, at the start and at the end of the "
-        f"run; the larger). Median of {args.rounds} rounds.\n\n"
-        "One generated token (a single-token step), float32, inference mode, need_weights=False: "
-        "grouped-query causal self-attention, rotary embeddings (theta "
+        f"plus written over the time, {copy}, at the start and at the end of the run; the "
+        f"larger). Median of {args.rounds} rounds.\n\n"
+        f"One generated token (a single-token step), {dtypes}, inference mode, "
+        "need_weights=False: grouped-query causal self-attention, rotary embeddings (theta "
         f"{args.rope_theta:g}, rotate-half), no biases, batch-first, on the same q/k/v/o_proj "
-        "weights. Every cached candidate holds the same prompt in a static cache of max_seq_len "
-        f"= prompt + {args.decode_room} slots and decodes position `prompt` in every call (its "
-        "length rewound before the call: a StaticCache's cumulative_length, a KVCache's seq_lens; "
-        "the Python cache takes input_pos), attending over all max_seq_len slots under a mask. "
-        "torch_mha_recompute is torch.nn.MultiheadAttention over prompt + 1 tokens (causal mask, "
-        "is_causal=True) per generated token, as its users decode today: every head has its own "
-        "keys and no rotation (another function, so no max diff). Speedup = the candidate's "
-        "median time over torchmha's; 'rounds' in the goals gives the same ratio taken round by "
-        "round. Bytes per step = the keys and values of every slot (B x KV x max_seq_len x "
-        "head_dim x 2 x 4 bytes) plus the four projection weights; GB/s = those bytes over the "
-        "step's time, % bw = that over the measured copy bandwidth; 'bytes dominate' where those "
-        "bytes at the copy bandwidth take longer than the step's FLOPs (projections of one token "
-        "and both attention products over every slot) at the measured GEMM peak. Peak KiB: one "
-        "step's peak resident set above the resident size before the call (cache, weights and "
-        "prompt already held), in a fresh process per case and candidate in which glibc serves "
-        "every allocation above 64 KiB by its own mapping (MALLOC_MMAP_THRESHOLD_=65536; peak "
-        "reset through /proc/self/clear_refs; below about 100 KiB it reads 0 or less than was "
-        "allocated: a fresh 128 KiB tensor reads 48 KiB); one step's activations = 4 bytes x "
-        "(the new tokens' q, k, v, rotated q and k, attention output and output projection, plus "
-        "one score and one mask value per query head and slot)."
+        "weights. Every cached candidate holds the same keys and values (random, written "
+        f"directly) in the first `prompt` slots of a static cache of max_seq_len = prompt + "
+        f"{args.decode_room} slots and decodes position `prompt` in every call (its length "
+        "rewound before the call: a StaticCache's cumulative_length, a KVCache's seq_lens; the "
+        "Python cache takes input_pos), attending over all max_seq_len slots under a mask. "
+        + (
+            'The compiled candidates run with mode="reduce-overhead" (CUDA graphs), their caches '
+            "marked as static addresses; torchmha_cpp_graph is the C++ step captured once into an "
+            "at::cuda::CUDAGraph and replayed per token. The C++ candidates run in their own "
+            "process after the rounds (the same weights, cache contents and token). "
+            if gpu
+            else "torch_mha_recompute is torch.nn.MultiheadAttention over prompt + 1 tokens "
+            "(causal mask, is_causal=True) per generated token, as its users decode today: every "
+            "head has its own keys and no rotation (another function, so no max diff). "
+        )
+        + "Speedup = the candidate's median time over torchmha's; 'rounds' in the goals gives the "
+        "same ratio taken round by round. Bytes per step = the keys and values of every slot (B x "
+        f"KV x max_seq_len x head_dim x 2 x {itemsize} bytes) plus the four projection weights; "
+        "GB/s = those bytes over the step's time, % bw = that over the measured copy bandwidth; "
+        "'bytes dominate' where those bytes at the copy bandwidth take longer than the step's "
+        "FLOPs (projections of one token and both attention products over every slot) at the "
+        f"measured GEMM peak. {memory}One step's activations = {itemsize} bytes x (the new "
+        "tokens' q, k, v, rotated q and k, attention output and output projection, plus one "
+        "score and one mask value per query head and slot)."
     )
 
 

@@ -175,6 +175,8 @@ DECODE_COLUMNS = (
     "sdpa_cache",
     "sdpa_cache_compiled",
     "llama_static",
+    "torchmha_cpp",
+    "torchmha_cpp_graph",
 )
 
 
@@ -193,8 +195,10 @@ def add_decode_ratios(rows: List[dict], gemm_peak_tflops: float, bandwidth: floa
             seconds = row["median_ms"] / 1e3
             step_bytes = row["step_cache_bytes"] + row["step_weight_bytes"]
             row["torchmha_speedup"] = row["median_ms"] / ours["median_ms"] if ours else None
+            # Round by round only where both ran in the same rounds (not a separate process).
+            paired = ours and row.get("timed_in_rounds", True) and ours.get("timed_in_rounds", True)
             row["torchmha_speedup_rounds"] = (
-                _round_ratios(row["samples_ms"], ours["samples_ms"]) if ours else None
+                _round_ratios(row["samples_ms"], ours["samples_ms"]) if paired else None
             )
             row["bytes_per_s"] = step_bytes / seconds
             row["fraction_of_bandwidth"] = row["bytes_per_s"] / bandwidth
@@ -235,9 +239,10 @@ def decode_summary_table(rows: List[dict]) -> str:
     lines = [
         "| (B, prompt, E, H, KV) | "
         + " | ".join(f"{name} ms" for name in DECODE_COLUMNS)
-        + " | x nn.MHA | x eager | x compiled | x Llama | bytes/step MiB | torchmha GB/s (% bw) "
-        "| bytes dominate | cache MiB | activations KiB | torchmha peak KiB |",
-        "|---|" + "---:|" * (len(DECODE_COLUMNS) + 10),
+        + " | x nn.MHA | x eager | x compiled | x Llama | compiled x compiled "
+        "| C++ graph x compiled | bytes/step MiB | torchmha GB/s (% bw) | bytes dominate "
+        "| cache MiB | activations KiB | torchmha peak KiB |",
+        "|---|" + "---:|" * (len(DECODE_COLUMNS) + 12),
     ]
     for case in dict.fromkeys(r["case"] for r in rows):
         by_name = {r["candidate"]: r for r in rows if r["case"] == case}
@@ -248,6 +253,11 @@ def decode_summary_table(rows: List[dict]) -> str:
         speedups = [
             _fmt(by_name.get(n, {}).get("torchmha_speedup"), ".2f")
             for n in ("torch_mha_recompute", "sdpa_cache", "sdpa_cache_compiled", "llama_static")
+        ]
+        # torchmha's compiled step and its C++ graph replay against the compiled Python cache.
+        speedups += [
+            _fmt(_time_ratio(by_name.get("sdpa_cache_compiled"), by_name.get(n)), ".2f")
+            for n in ("torchmha_compiled", "torchmha_cpp_graph")
         ]
         step_bytes = ours["step_cache_bytes"] + ours["step_weight_bytes"]
         peak = ours.get("peak_bytes")
@@ -264,6 +274,13 @@ def decode_summary_table(rows: List[dict]) -> str:
             f"| {_fmt(None if peak is None else peak / 1024, '.0f')} |"
         )
     return "\n".join(lines)
+
+
+def _time_ratio(reference: Optional[dict], row: Optional[dict]) -> Optional[float]:
+    """The reference's median time over the row's (None where either is missing)."""
+    if not reference or not row:
+        return None
+    return reference["median_ms"] / row["median_ms"]
 
 
 def decode_breakdown_table(rows: List[dict]) -> str:
@@ -404,16 +421,20 @@ def _peak_below_peers_goal(goal: dict, rows: List[dict], cases: list, device: st
 
 
 def _decode_speedup_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
-    """torchmha against one peer: the peer's median time over torchmha's, at least ``at_least``,
-    at prompts of ``min_prompt`` or more."""
+    """A torchmha candidate (``candidate``, torchmha by default) against one peer: the peer's
+    median time over the candidate's, at least ``at_least``, at prompts of ``min_prompt`` or
+    more; with the same ratio round by round where both ran in the rounds."""
     measured = []
     for dtype, shape in cases:
-        row = _find(rows, goal["peer"], "inference", shape, dtype)
-        if shape[1] >= goal.get("min_prompt", 0) and row and row.get("torchmha_speedup"):
-            spread = row.get("torchmha_speedup_rounds")
+        peer = _find(rows, goal["peer"], "inference", shape, dtype)
+        ours = _find(rows, goal.get("candidate", DECODE_REFERENCE), "inference", shape, dtype)
+        if shape[1] >= goal.get("min_prompt", 0) and peer and ours:
+            ratio = peer["median_ms"] / ours["median_ms"]
+            in_rounds = peer.get("timed_in_rounds", True) and ours.get("timed_in_rounds", True)
+            spread = _round_ratios(peer["samples_ms"], ours["samples_ms"]) if in_rounds else None
             rounds = f" (rounds {min(spread):.2f}-{max(spread):.2f})" if spread else ""
-            text = f"{shape}: {row['torchmha_speedup']:.2f}x{rounds}"
-            measured.append((text, row["torchmha_speedup"]))
+            text = f"{shape}: {ratio:.2f}x{rounds}"
+            measured.append((text, ratio))
     if not measured:
         return []
     # "within" a fraction of the peer's time: torchmha's time <= (1 + within) x the peer's.
@@ -432,11 +453,15 @@ def _decode_speedup_goal(goal: dict, rows: List[dict], cases: list, device: str)
 
 
 def _decode_bandwidth_goal(goal: dict, rows: List[dict], cases: list, device: str) -> List[str]:
-    """torchmha's step: the bytes it reads over its time, as a fraction of the measured copy
-    bandwidth, where those bytes dominate the step (the others are listed, not judged)."""
+    """A torchmha step (``candidate``, torchmha by default), at prompts of ``min_prompt`` or more:
+    the bytes it reads over its time, as a fraction of the measured copy bandwidth, where those
+    bytes dominate the step (the others are listed, not judged)."""
     judged, listed = [], []
+    candidate = goal.get("candidate", DECODE_REFERENCE)
     for dtype, shape in cases:
-        row = _find(rows, "torchmha", "inference", shape, dtype)
+        row = _find(rows, candidate, "inference", shape, dtype)
+        if shape[1] < goal.get("min_prompt", 0):
+            continue
         if row and row.get("fraction_of_bandwidth") is not None:
             text = f"{shape}: {row['fraction_of_bandwidth']:.0%}"
             (judged if row["bytes_dominate"] else listed).append((text, row))

@@ -25,6 +25,21 @@ PYTHON_CANDIDATES = {
 }
 
 
+def assert_report_from_reproduces(quick_run, title: str, tmp_path) -> None:
+    """``--report-from`` rebuilds a quick run's Markdown report from its results file alone."""
+    report, markdown, _ = quick_run
+    saved = tmp_path / "again.json"
+    saved.write_text(json.dumps(report))
+    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
+    result = subprocess.run(
+        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "again.md").read_text() == markdown.replace(
+        f"# Benchmark: {title}", "# Benchmark: again"
+    )
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -85,17 +100,7 @@ def test_round_by_round_ratios_bracket_the_median_ratio(quick_run):
 
 def test_report_from_saved_timings_reproduces_the_report(quick_run, tmp_path):
     """``--report-from`` rebuilds the Markdown report from a results file's timings alone."""
-    report, markdown, _ = quick_run
-    saved = tmp_path / "again.json"
-    saved.write_text(json.dumps(report))
-    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
-    result = subprocess.run(
-        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "again.md").read_text() == markdown.replace(
-        "# Benchmark: quick", "# Benchmark: again"
-    )
+    assert_report_from_reproduces(quick_run, "quick", tmp_path)
 
 
 def test_goal_bound_is_the_reference_time_over_the_time_at_gemm_peak():
@@ -194,17 +199,7 @@ def test_gqa_report_states_versions_method_and_goals(gqa_quick_run):
 
 
 def test_gqa_report_from_saved_timings_reproduces_the_report(gqa_quick_run, tmp_path):
-    report, markdown, _ = gqa_quick_run
-    saved = tmp_path / "again.json"
-    saved.write_text(json.dumps(report))
-    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
-    result = subprocess.run(
-        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "again.md").read_text() == markdown.replace(
-        "# Benchmark: quick-gqa", "# Benchmark: again"
-    )
+    assert_report_from_reproduces(gqa_quick_run, "quick-gqa", tmp_path)
 
 
 def test_gqa_memory_goal_compares_torchmha_with_the_lowest_peer():
@@ -341,17 +336,7 @@ def test_decode_profile_says_where_the_step_goes(decode_quick_run):
 
 
 def test_decode_report_from_saved_timings_reproduces_the_report(decode_quick_run, tmp_path):
-    report, markdown, _ = decode_quick_run
-    saved = tmp_path / "again.json"
-    saved.write_text(json.dumps(report))
-    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
-    result = subprocess.run(
-        command + ["--report-from", str(saved)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "again.md").read_text() == markdown.replace(
-        "# Benchmark: quick-decode", "# Benchmark: again"
-    )
+    assert_report_from_reproduces(decode_quick_run, "quick-decode", tmp_path)
 
 
 def test_decode_memory_probe_measures_a_step_in_a_fresh_process():

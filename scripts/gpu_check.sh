@@ -16,15 +16,18 @@
 # it, copy the sources that libgtest-dev installs into the ignored folder build-gpu/googletest-src
 # and carry that folder with the working tree (the `run` tool's `carry`):
 #   mkdir -p build-gpu && rm -rf build-gpu/googletest-src &&
-#     cp -r /usr/src/googletest build-gpu/googletest-src          # carry: ["build-gpu/googletest-src"]
+#     cp -r /usr/src/googletest build-gpu/googletest-src
+#   carry: ["build-gpu/googletest-src"]
 # CMake uses an installed GoogleTest first, else TORCHMHA_GTEST_SOURCE_DIR (this folder by default).
 #
 # Time limits (seconds): BUILD_TIMEOUT_S (CMake tree, 480), TEST_TIMEOUT_S (pytest, 300),
 # CTEST_TIMEOUT_S (ctest, 420), BENCH_TIMEOUT_S (300). CTEST_JOBS (default 6) runs beside pytest.
 # TORCHMHA_REQUIRE_CUDA=1 (the default here) fails the C++ CUDA tests instead of skipping them
-# where LibTorch sees no device. A dry run on a machine without a GPU: SKIP_INSTALL=1 (use the
-# torchmha already installed in $PYTHON) TORCHMHA_REQUIRE_CUDA=0 OUT=/tmp/x scripts/gpu_check.sh ctest
-# (TORCHMHA_CMAKE_ARGS adds configure arguments, e.g. -DCMAKE_DISABLE_FIND_PACKAGE_GTest=ON).
+# where LibTorch sees no device. A dry run of the C++ part on a machine without a GPU
+# (SKIP_INSTALL=1 uses the torchmha already installed in $PYTHON; TORCHMHA_CMAKE_ARGS adds
+# configure arguments):
+#   SKIP_INSTALL=1 TORCHMHA_REQUIRE_CUDA=0 PYTHON=.venv/bin/python OUT=/tmp/x \
+#     TORCHMHA_CMAKE_ARGS=-DCMAKE_DISABLE_FIND_PACKAGE_GTest=ON scripts/gpu_check.sh ctest
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/gpu-check}
@@ -59,21 +62,26 @@ within_build_time() {
 }
 
 cmake_build_tree() {
-  local torch_prefix start=$SECONDS
+  local torch_prefix python_path start=$SECONDS
   torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-  local args=(-DCMAKE_PREFIX_PATH="$torch_prefix" -DTORCHMHA_PYTHON="$(command -v "$PYTHON")"
+  # An absolute path that keeps a virtual environment's (ctest runs the fixtures elsewhere).
+  python_path=$("$PYTHON" -c 'import sys; print(sys.executable)')
+  local args=(-DCMAKE_PREFIX_PATH="$torch_prefix" -DTORCHMHA_PYTHON="$python_path"
     -DTORCHMHA_GTEST_SOURCE_DIR="$gtest_source")
   [[ $steps == *ctest* ]] || args+=(-DTORCHMHA_BUILD_TESTS=OFF -DTORCHMHA_BUILD_EXAMPLES=OFF)
   # A CUDA toolkit without NVRTC: the one that came with PyTorch's wheels (nvidia/*/lib).
-  local cuda_root=${CUDA_HOME:-/usr/local/cuda} nvrtc
+  local cuda_root=${CUDA_HOME:-/usr/local/cuda} nvrtc site
   if [[ -d $cuda_root ]] && ! compgen -G "$cuda_root/lib64/libnvrtc.so*" >/dev/null; then
-    nvrtc=$(find "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia" \
-      -name 'libnvrtc.so*' ! -name '*builtins*' ! -name '*alt*' 2>/dev/null | head -n 1)
+    site=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    nvrtc=$(find "$site/nvidia" -name 'libnvrtc.so*' ! -name '*builtins*' ! -name '*alt*' \
+      2>/dev/null | head -n 1)
     [[ -n $nvrtc ]] && args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
   fi
   # shellcheck disable=SC2086 # TORCHMHA_CMAKE_ARGS is a list of arguments
-  within_build_time cmake -S . -B build-gpu -G Ninja "${args[@]}" ${TORCHMHA_CMAKE_ARGS:-} || return
-  within_build_time cmake --build build-gpu --target torchmha_bench && echo ok >build-gpu/bench.status
+  within_build_time cmake -S . -B build-gpu -G Ninja "${args[@]}" ${TORCHMHA_CMAKE_ARGS:-} ||
+    return
+  within_build_time cmake --build build-gpu --target torchmha_bench &&
+    echo ok >build-gpu/bench.status
   if [[ $steps == *ctest* ]]; then
     within_build_time cmake --build build-gpu && echo ok >build-gpu/tests.status
   fi

@@ -194,15 +194,24 @@ TEST_P(CudaForward, OutputGradientAndWeightsAreAsCloseAsLibTorchs) {
   }
 }
 
+std::string forward_case_name(
+    const ::testing::TestParamInfo<std::tuple<torch::Dtype, MaskKind>>& info) {
+  const auto [dtype, mask_kind] = info.param;
+  switch (mask_kind) {
+    case MaskKind::kPadding:
+      return std::string(c10::toString(dtype)) + "Padding";
+    case MaskKind::kCausal:
+      return std::string(c10::toString(dtype)) + "Causal";
+    default:
+      return std::string(c10::toString(dtype)) + "NoMask";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(DtypesAndMasks, CudaForward,
                          ::testing::Combine(::testing::ValuesIn(kDtypes),
                                             ::testing::Values(MaskKind::kNone, MaskKind::kPadding,
                                                               MaskKind::kCausal)),
-                         [](const auto& info) {
-                           const char* masks[] = {"NoMask", "Padding", "Causal"};
-                           return std::string(c10::toString(std::get<0>(info.param))) +
-                                  masks[static_cast<int>(std::get<1>(info.param))];
-                         });
+                         forward_case_name);
 
 // ---- the module's device moves --------------------------------------------------------------
 
@@ -287,7 +296,8 @@ TEST_P(CudaByDtype, GroupedRotaryModuleMatchesTheCpu) {
   auto padding = torch::zeros({kBatch, kLength}, torch::kBool);
   padding[2].narrow(0, kLength - 3, 3).fill_(true);
   torch::NoGradGuard no_grad;
-  const auto run = [&](const torchmha::MultiHeadAttention& module, bool need_weights) {
+  // Holders by value: forward is not const.
+  const auto run = [&](torchmha::MultiHeadAttention module, bool need_weights) {
     const auto& weight = module->in_proj_weight;
     const auto input = x.to(weight.device(), weight.scalar_type());
     return module->forward(input, input, input, padding.to(weight.device()), need_weights, {},
@@ -319,7 +329,7 @@ TEST_P(CudaByDtype, GroupedRotaryModuleMatchesTheCpu) {
 const std::vector<int64_t> kCacheSteps{20, 1, 1, 3, 1};
 
 // The outputs of `sequence` (N, T, E) decoded through a new cache on the module's device.
-torch::Tensor decode(const torchmha::MultiHeadAttention& attention, const torch::Tensor& sequence) {
+torch::Tensor decode(torchmha::MultiHeadAttention attention, const torch::Tensor& sequence) {
   auto cache = attention->new_kv_cache(sequence.size(0), sequence.size(1) + 2);
   EXPECT_EQ(cache->key.device(), attention->in_proj_weight.device());
   EXPECT_EQ(cache->seq_lens.device(), attention->in_proj_weight.device());
@@ -337,7 +347,7 @@ torch::Tensor decode(const torchmha::MultiHeadAttention& attention, const torch:
   return torch::cat(outputs, 1);
 }
 
-torch::Tensor full_causal_forward(const torchmha::MultiHeadAttention& attention,
+torch::Tensor full_causal_forward(torchmha::MultiHeadAttention attention,
                                   const torch::Tensor& sequence) {
   torch::NoGradGuard no_grad;
   return std::get<0>(

@@ -246,8 +246,8 @@ TEST_F(Cuda, InputsOnTheGpuForAModuleOnTheCpuAreRefusedByName) {
                           {"`key_padding_mask`", "cuda:0", "cpu"});
 }
 
-// State-dict files written from a module on the GPU load into a module on the GPU (and are CPU
-// tensors in the file, as torch.save of a state_dict() moved to the CPU).
+// State-dict files written from a module on the GPU load into a module on the GPU, and into one
+// on the CPU.
 TEST_F(Cuda, StateDictFilesRoundTripFromAndToTheDevice) {
   torch::manual_seed(0);
   torchmha::MultiHeadAttention saved(kEmbedDim, kHeads);
@@ -262,6 +262,12 @@ TEST_F(Cuda, StateDictFilesRoundTripFromAndToTheDevice) {
   for (const auto& parameter : loaded->named_parameters()) {
     EXPECT_TRUE(parameter.value().is_cuda()) << parameter.key();
     EXPECT_TRUE(parameter.value().equal(saved_values[parameter.key()])) << parameter.key();
+  }
+  torchmha::MultiHeadAttention on_cpu(kEmbedDim, kHeads);
+  torchmha::load_state_dict(*on_cpu, file.path());
+  for (const auto& parameter : on_cpu->named_parameters()) {
+    EXPECT_TRUE(parameter.value().is_cpu()) << parameter.key();
+    EXPECT_TRUE(parameter.value().equal(saved_values[parameter.key()].cpu())) << parameter.key();
   }
 }
 

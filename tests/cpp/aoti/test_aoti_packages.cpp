@@ -165,7 +165,7 @@ TEST_F(MismatchedInputs, MissingInputIsAnError) {
 // and writes it in place at every run.
 class GreedyDecoderPackage : public ::testing::Test {
  protected:
-  // `name` is "decoder" (the CPU package's generation) or "decoder_cuda" (the CUDA package's).
+  // `generation` is "decoder" (the CPU package's) or "decoder_cuda" (the CUDA package's).
   static torch::Tensor decoder_tensor(const std::string& name,
                                       const std::string& generation = "decoder") {
     return expected().at(generation + "/" + name).toTensor();
@@ -184,7 +184,7 @@ class GreedyDecoderPackage : public ::testing::Test {
       SCOPED_TRACE("step " + std::to_string(step));
       const auto outputs = package.run({tokens, padding});
       ASSERT_EQ(outputs.size(), 2U);
-      ASSERT_EQ(outputs[0].device(), device);
+      ASSERT_EQ(outputs[0].device().type(), device.type());
       EXPECT_TRUE(torch::equal(outputs[0].cpu(), wanted_tokens.select(1, step)))
           << outputs[0] << " instead of " << wanted_tokens.select(1, step);
       if (device.is_cpu()) {

@@ -26,7 +26,7 @@
 # where LibTorch sees no device. A dry run of the C++ part on a machine without a GPU
 # (SKIP_INSTALL=1 uses the torchmha already installed in $PYTHON; TORCHMHA_CMAKE_ARGS adds
 # configure arguments):
-#   SKIP_INSTALL=1 TORCHMHA_REQUIRE_CUDA=0 PYTHON=.venv/bin/python OUT=/tmp/x \
+#   SKIP_INSTALL=1 TORCHMHA_REQUIRE_CUDA=0 PYTHON=$PWD/.venv/bin/python OUT=/tmp/x \
 #     TORCHMHA_CMAKE_ARGS=-DCMAKE_DISABLE_FIND_PACKAGE_GTest=ON scripts/gpu_check.sh ctest
 set -uo pipefail
 cd "$(dirname "$0")/.."

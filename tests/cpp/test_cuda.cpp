@@ -122,21 +122,6 @@ Masks make_masks(MaskKind kind) {
   return masks;
 }
 
-// LibTorch's module fills a padding mask in float and double only: for it, the same masking as an
-// additive (N * num_heads, L, S) mask.
-Masks for_libtorch(const Masks& masks) {
-  if (!masks.key_padding_mask.defined()) {
-    return masks;
-  }
-  const auto padded = masks.key_padding_mask.view({kBatch, 1, 1, kLength})
-                          .expand({kBatch, kHeads, kLength, kLength})
-                          .reshape({kBatch * kHeads, kLength, kLength});
-  Masks additive;
-  additive.attn_mask = torch::zeros({kBatch * kHeads, kLength, kLength}, torch::kFloat64)
-                           .masked_fill(padded, -std::numeric_limits<double>::infinity());
-  return additive;
-}
-
 Masks masks_on(const Masks& masks, torch::Device device, torch::Dtype dtype) {
   Masks moved;
   if (masks.key_padding_mask.defined()) {
@@ -146,6 +131,36 @@ Masks masks_on(const Masks& masks, torch::Device device, torch::Dtype dtype) {
     moved.attn_mask = masks.attn_mask.to(device, dtype);
   }
   return moved;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> forward_of(torchmha::MultiHeadAttention& module,
+                                                    const torch::Tensor& x, const Masks& masks,
+                                                    bool need_weights) {
+  return module->forward(x, x, x, masks.key_padding_mask, need_weights, masks.attn_mask);
+}
+
+// LibTorch's module fills a padding mask in float and double only, and adds 2-D masks only: with
+// padding, each batch entry runs alone, its padded keys masked by an additive (L, S) mask.
+std::tuple<torch::Tensor, torch::Tensor> forward_of(torch::nn::MultiheadAttention& module,
+                                                    const torch::Tensor& x, const Masks& masks,
+                                                    bool need_weights) {
+  if (!masks.key_padding_mask.defined()) {
+    return module->forward(x, x, x, {}, need_weights, masks.attn_mask);
+  }
+  std::vector<torch::Tensor> outputs;
+  std::vector<torch::Tensor> weights;
+  for (int64_t entry = 0; entry < x.size(1); ++entry) {
+    const auto one = x.narrow(1, entry, 1);
+    const auto additive =
+        torch::zeros({x.size(0), x.size(0)},
+                     torch::TensorOptions().dtype(x.scalar_type()).device(x.device()))
+            .masked_fill(masks.key_padding_mask[entry].unsqueeze(0),
+                         -std::numeric_limits<double>::infinity());
+    auto [output, weight] = module->forward(one, one, one, {}, true, additive);
+    outputs.push_back(output);
+    weights.push_back(weight);
+  }
+  return {torch::cat(outputs, 1), need_weights ? torch::cat(weights, 0) : torch::Tensor()};
 }
 
 // Output, input gradient and averaged weights (undefined without `need_weights`) of `module` on
@@ -159,8 +174,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> results(Module& module,
   const auto weight = module->named_parameters()["in_proj_weight"];
   const auto on_device = masks_on(masks, weight.device(), weight.scalar_type());
   const auto leaf = x.to(weight.device(), weight.scalar_type()).detach().requires_grad_();
-  auto [output, weights] = module->forward(leaf, leaf, leaf, on_device.key_padding_mask,
-                                           need_weights, on_device.attn_mask);
+  auto [output, weights] = forward_of(module, leaf, on_device, need_weights);
   (output.to(torch::kFloat64) * cotangent.to(output.device())).sum().backward();
   return {output.detach(), leaf.grad(), need_weights ? weights.detach() : torch::Tensor()};
 }
@@ -196,9 +210,9 @@ TEST_P(CudaForward, OutputGradientAndWeightsAreAsCloseAsLibTorchs) {
     ASSERT_TRUE(output.is_cuda());
     ASSERT_EQ(output.scalar_type(), dtype);
     const auto [yardstick_output, yardstick_grad, yardstick_weights] =
-        results(libtorch_in_dtype, x, cotangent, for_libtorch(masks), true);
+        results(libtorch_in_dtype, x, cotangent, masks, true);
     const auto [exact_output, exact_grad, exact_weights] =
-        results(reference, x, cotangent, for_libtorch(masks), true);
+        results(reference, x, cotangent, masks, true);
     expect_within_yardstick("output", output, yardstick_output, exact_output, dtype);
     expect_within_yardstick("input gradient", grad, yardstick_grad, exact_grad, dtype);
     if (need_weights) {

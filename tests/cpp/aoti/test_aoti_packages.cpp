@@ -3,6 +3,7 @@
 // first and points TORCHMHA_AOTI_FIXTURES at its folder.
 #include <gtest/gtest.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 #include <torchmha/torchmha.h>
 
@@ -10,12 +11,14 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <string>
 
 #include "../fixture_files.h"
 
 namespace {
 
 constexpr double kFloat32Tolerance = 1e-5;
+constexpr double kFloat32RelativeTolerance = 1e-4;
 // The lengths the fixture script ran Python at (its RUN_LENGTHS); 7 is the exported one.
 const auto kRunLengths = ::testing::Values(3, 7, 12);
 // The exported range of the sequence length (its LENGTH_RANGE).
@@ -162,24 +165,38 @@ TEST_F(MismatchedInputs, MissingInputIsAnError) {
 // and writes it in place at every run.
 class GreedyDecoderPackage : public ::testing::Test {
  protected:
-  static torch::Tensor decoder_tensor(const std::string& name) {
-    return expected().at("decoder/" + name).toTensor();
+  // `generation` is "decoder" (the CPU package's) or "decoder_cuda" (the CUDA package's).
+  static torch::Tensor decoder_tensor(const std::string& name,
+                                      const std::string& generation = "decoder") {
+    return expected().at(generation + "/" + name).toTensor();
   }
 
   // The greedy loop of the fixture script (interchange_models.greedy_generation) from its
   // right-padded prompts: each step's chosen tokens must be Python's, and their logits too.
-  static void expect_pythons_generation(torch::inductor::AOTIModelPackageLoader& package) {
-    const auto wanted_tokens = decoder_tensor("tokens");
-    const auto wanted_logits = decoder_tensor("logits");
-    auto tokens = decoder_tensor("prompt_tokens");
-    auto padding = decoder_tensor("prompt_padding");
+  static void expect_pythons_generation(torch::inductor::AOTIModelPackageLoader& package,
+                                        const std::string& generation = "decoder",
+                                        torch::Device device = torch::kCPU) {
+    const auto wanted_tokens = decoder_tensor("tokens", generation);
+    const auto wanted_logits = decoder_tensor("logits", generation);
+    auto tokens = decoder_tensor("prompt_tokens", generation).to(device);
+    auto padding = decoder_tensor("prompt_padding", generation).to(device);
     for (int64_t step = 0; step < wanted_tokens.size(1); ++step) {
       SCOPED_TRACE("step " + std::to_string(step));
       const auto outputs = package.run({tokens, padding});
       ASSERT_EQ(outputs.size(), 2U);
-      EXPECT_TRUE(torch::equal(outputs[0], wanted_tokens.select(1, step)))
+      ASSERT_EQ(outputs[0].device().type(), device.type());
+      EXPECT_TRUE(torch::equal(outputs[0].cpu(), wanted_tokens.select(1, step)))
           << outputs[0] << " instead of " << wanted_tokens.select(1, step);
-      expect_close(outputs[1], wanted_logits.select(1, step));
+      if (device.is_cpu()) {
+        expect_close(outputs[1], wanted_logits.select(1, step));
+      } else {
+        // Python's float32 tolerance (tests/python/conftest.py): the package's generated kernels
+        // sum in another order than eager's.
+        EXPECT_TRUE(torch::allclose(outputs[1].cpu(), wanted_logits.select(1, step),
+                                    kFloat32RelativeTolerance, kFloat32Tolerance))
+            << "largest difference "
+            << (outputs[1].cpu() - wanted_logits.select(1, step)).abs().max().item<double>();
+      }
       // The chosen tokens, one per entry, are the next step's input.
       tokens = outputs[0].unsqueeze(1);
       padding = torch::zeros_like(tokens, torch::kBool);
@@ -225,6 +242,43 @@ TEST_F(GreedyDecoderPackage, StepPastMaxSeqLenIsAnError) {
     EXPECT_NE(std::string(error.what()).find("the step would pass max_seq_len"), std::string::npos)
         << error.what();
   }
+}
+
+// `greedy_decoder_cuda.pt2`: the decoder exported on the GPU, a CUDA package. Skipped without
+// CUDA; with TORCHMHA_REQUIRE_CUDA=1 (scripts/gpu_check.sh) a missing device fails it instead.
+class CudaGreedyDecoderPackage : public GreedyDecoderPackage {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) {
+      const char* required = std::getenv("TORCHMHA_REQUIRE_CUDA");
+      ASSERT_FALSE(required != nullptr && std::string(required) == "1")
+          << "TORCHMHA_REQUIRE_CUDA=1, but torch::cuda::is_available() is false";
+      GTEST_SKIP() << "needs a CUDA device";
+    }
+    const auto error = fixtures() / "cuda_error.txt";
+    if (std::filesystem::exists(error)) {
+      std::ifstream stream(error);
+      FAIL() << "the fixture script could not make the CUDA package:\n"
+             << std::string(std::istreambuf_iterator<char>(stream),
+                            std::istreambuf_iterator<char>());
+    }
+    ASSERT_TRUE(std::filesystem::exists(fixtures() / "greedy_decoder_cuda.pt2"))
+        << "no CUDA package: the fixture script's Python saw no CUDA device";
+  }
+};
+
+// The CUDA package keeps its cache on the GPU and generates, from the second step on, what
+// Python's eager decoder generated on the GPU.
+TEST_F(CudaGreedyDecoderPackage, GeneratesPythonsTokensAndLogitsStepByStep) {
+  auto package = load_package("greedy_decoder_cuda.pt2");
+  expect_pythons_generation(package, "decoder_cuda", torch::Device(torch::kCUDA));
+}
+
+TEST_F(CudaGreedyDecoderPackage, EachLoaderHasItsOwnCache) {
+  auto first = load_package("greedy_decoder_cuda.pt2");
+  expect_pythons_generation(first, "decoder_cuda", torch::Device(torch::kCUDA));
+  auto second = load_package("greedy_decoder_cuda.pt2");
+  expect_pythons_generation(second, "decoder_cuda", torch::Device(torch::kCUDA));
 }
 
 TEST(MissingPackage, IsAnError) { EXPECT_THROW(load_package("no_such_package.pt2"), c10::Error); }

@@ -17,8 +17,9 @@ step scripts/check_packaging.sh
 
 # One intra-op thread per test process: the parallelism is ctest's and pytest's processes, one
 # per core (idle OpenMP threads of tiny tensors spin against each other on a small machine).
-export OMP_NUM_THREADS=1
+# Counted first: nproc itself answers OMP_NUM_THREADS.
 workers=$(nproc)
+export OMP_NUM_THREADS=1
 
 echo "test: GoogleTest and the interchange tests (ctest)"
 step bash -c "cd build && ctest --output-on-failure -j $workers"

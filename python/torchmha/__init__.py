@@ -10,6 +10,7 @@ from torchmha import (  # noqa: E402
     _C,  # noqa: F401  (registers the op)
     cpp,
 )
+from torchmha._compile_cache import tag_compile_caches
 from torchmha.conversion import load_separate_projections, separate_projections_state_dict
 from torchmha.kv_cache import KVCache
 from torchmha.modules import MultiHeadAttention
@@ -21,6 +22,9 @@ from torchmha.textbook import TextbookMultiHeadAttention
 MultiheadAttention = MultiHeadAttention
 
 __version__ = _C.version()
+
+# torch.compile's caches must not hand this build another build's graphs of the op.
+tag_compile_caches(_C.__file__)
 
 
 def __getattr__(name: str):

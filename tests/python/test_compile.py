@@ -185,3 +185,37 @@ def test_whole_generation_compiles_once_per_step_shape() -> None:
     actual = greedy_generation(counting_compiles(compiled, counter, compiles), tokens, padding)
     assert compiles == [1] + [2] * (GENERATED - 1)
     assert_same_generation_and_cache(actual, expected, model, eager)
+
+
+def test_compile_caches_key_on_the_extension_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AOTAutograd's on-disk cache keys a graph on the op's name, not on the ATen ops it
+    decomposes into: importing torchmha adds the extension build's identity to the cache key
+    tag, so a graph saved by one build is a hit for that build only, never for a rebuild."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from torchmha._compile_cache import extension_identity
+
+    identity = extension_identity(torchmha._C.__file__)
+    assert identity in torch.compiler.config.cache_key_tag
+    model = randomize(AttentionBlock()).eval()
+    x = torch.randn(2, 5, EMBED_DIM)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+
+    def compile_and_run() -> None:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, fullgraph=True, backend="inductor")(x, padding)
+
+    with fresh_cache():
+        counters.clear()
+        compile_and_run()
+        assert counters["aot_autograd"]["autograd_cache_saved"] == 1
+        compile_and_run()
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 1  # the same build: a hit
+        # Another build of the extension (another identity) must not get that graph.
+        other_build = torch.compiler.config.cache_key_tag.replace(identity, "torchmha:0:0")
+        monkeypatch.setattr(torch.compiler.config, "cache_key_tag", other_build)
+        compile_and_run()
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 1
+        assert counters["aot_autograd"]["autograd_cache_miss"] == 2

@@ -180,10 +180,10 @@ class SdpaStaticCacheAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, embed))
 
 
-def _torchmha_candidate(
-    case: DecodeCase, state: Dict[str, torch.Tensor], name: str
-) -> DecodeCandidate:
-    """torchmha with its own KVCache, eager or (``torchmha_compiled``) the module compiled."""
+def torchmha_module(
+    case: DecodeCase, state: Dict[str, torch.Tensor]
+) -> torchmha.MultiHeadAttention:
+    """torchmha's module of the case (float32, CPU) on the q/k/v/o_proj weights ``state``."""
     ours = torchmha.MultiHeadAttention(
         case.embed,
         case.heads,
@@ -193,6 +193,14 @@ def _torchmha_candidate(
         rope_theta=case.rope_theta,
     )
     torchmha.load_separate_projections(ours, state)
+    return ours
+
+
+def _torchmha_candidate(
+    case: DecodeCase, state: Dict[str, torch.Tensor], name: str
+) -> DecodeCandidate:
+    """torchmha with its own KVCache, eager or (``torchmha_compiled``) the module compiled."""
+    ours = torchmha_module(case, state)
     ours.to(case.device, case.dtype)
     cache = ours.new_kv_cache(case.batch, case.max_seq_len)
     case.fill(cache.key, cache.value)
@@ -301,15 +309,7 @@ def random_weights(embed: int, heads: int, kv_heads: int) -> Dict[str, torch.Ten
 
 def torchmha_state_dict(case: DecodeCase, state: Dict[str, torch.Tensor]) -> dict:
     """torchmha's state dict (float32, CPU) on the q/k/v/o_proj weights: what C++ loads."""
-    ours = torchmha.MultiHeadAttention(
-        case.embed,
-        case.heads,
-        bias=False,
-        batch_first=True,
-        num_kv_heads=case.kv_heads,
-        rope_theta=case.rope_theta,
-    )
-    torchmha.load_separate_projections(ours, state)
+    ours = torchmha_module(case, state)
     return dict(ours.state_dict())
 
 

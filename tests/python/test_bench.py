@@ -139,15 +139,20 @@ def _load_report_module():
     return report
 
 
-@pytest.fixture(scope="module")
-def gqa_quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_gqa")
+def run_quick_suite(tmp_path_factory, suite: str):
+    """``bench.py --suite <suite> --quick``: its results file, its report and what it printed."""
+    out = tmp_path_factory.mktemp(f"bench_{suite}")
     command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
-    command += ["--suite", "gqa", "--quick", "--out", str(out)]
+    command += ["--suite", suite, "--quick", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(out / "quick-gqa.json") as report:
-        return json.load(report), (out / "quick-gqa.md").read_text(), result.stdout
+    with open(out / f"quick-{suite}.json") as report:
+        return json.load(report), (out / f"quick-{suite}.md").read_text(), result.stdout
+
+
+@pytest.fixture(scope="module")
+def gqa_quick_run(tmp_path_factory):
+    return run_quick_suite(tmp_path_factory, "gqa")
 
 
 def test_gqa_suite_times_torchmha_and_every_peer_in_both_modes(gqa_quick_run):
@@ -240,13 +245,7 @@ DECODE_CANDIDATES = {
 
 @pytest.fixture(scope="module")
 def decode_quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_decode")
-    command = [sys.executable, os.path.join(ROOT, "scripts", "bench", "bench.py")]
-    command += ["--suite", "decode", "--quick", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(out / "quick-decode.json") as report:
-        return json.load(report), (out / "quick-decode.md").read_text(), result.stdout
+    return run_quick_suite(tmp_path_factory, "decode")
 
 
 def test_decode_suite_times_one_step_of_every_candidate(decode_quick_run):
